@@ -1,0 +1,32 @@
+"""Running an ASGI app with uvicorn, and logging set-up, the same way for every service."""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+import uvicorn
+
+__all__ = ["find_free_port", "serve", "setup_logging"]
+
+
+def setup_logging(level: str = "info") -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def find_free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS just handed out; callers bind it promptly (a small race is accepted)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def serve(app: object, *, host: str, port: int, log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM; uvicorn drains in-flight requests on shutdown."""
+    setup_logging(log_level)
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+                            timeout_graceful_shutdown=10)
+    uvicorn.Server(config).run()
