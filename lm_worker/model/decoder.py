@@ -15,6 +15,8 @@ load by name with no mapping table.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -180,6 +182,22 @@ class Step37Decoder(nn.Module):
             if config.tie_word_embeddings
             else nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         )
+        self.reset_parameters()
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """GPT-2 style init: N(0, 0.02), residual output projections scaled by 1/sqrt(2·layers).
+
+        PyTorch's default N(0, 1) embedding, tied to the head, would start training
+        with logits of std ~sqrt(hidden) and a loss in the hundreds.
+        """
+        residual_std = std / math.sqrt(2 * self.config.num_layers)
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                nn.init.normal_(param, mean=0.0, std=residual_std)
+            elif param.dim() >= 2:
+                nn.init.normal_(param, mean=0.0, std=std)
+            else:
+                nn.init.ones_(param)  # RMSNorm gains
 
     def hidden_states(
         self,

@@ -1,0 +1,123 @@
+"""Errors raised by the encoder service, each knowing its HTTP status.
+
+Hierarchy::
+
+    EncoderError                 (500) base; never raised directly
+    ├── ClientError              (4xx) the request was wrong; retrying it unchanged fails again
+    │   └── BadImage             (400) undecodable, truncated, empty, wrong shape or range
+    │       └── ImageTooLarge    (413) declared size over the pixel or side limit
+    └── ServerError              (5xx) the request may succeed later or elsewhere
+        └── Overloaded           (503) the service sheds load; carries an optional Retry-After
+            └── QueueFull        (503) the batcher's queue is at capacity
+
+Every error names the `field` that was wrong (e.g. ``images[2]``), the `reason`, and
+where useful the offending `value`, and describes itself with `to_dict()`, so the one
+function that maps errors to HTTP (`services.common.errors`) builds a precise body
+without parsing messages. The status lives on the class (`http_status`) because it is
+a property of the kind of failure, not of one occurrence.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+__all__ = [
+    "BadImage",
+    "ClientError",
+    "EncoderError",
+    "ImageTooLarge",
+    "Overloaded",
+    "QueueFull",
+    "ServerError",
+]
+
+# Echoed values are clipped: a client's 10 MB field must not come back in the error.
+_MAX_VALUE_CHARS = 200
+
+
+class EncoderError(Exception):
+    """Base of the encoder's errors; unknown exceptions are not wrapped in it."""
+
+    http_status: ClassVar[int] = 500
+    kind: ClassVar[str] = "encoder_error"
+
+    def __init__(self, reason: str, *, field: str | None = None, value: object = None) -> None:
+        self.reason = reason
+        self.field = field
+        self.value = value
+        super().__init__(f"{field}: {reason}" if field else reason)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON error body (`{"type", "field", "message", "value"}`) services send back."""
+        body: dict[str, Any] = {"type": self.kind, "field": self.field, "message": str(self)}
+        if self.value is not None:
+            text = repr(self.value)
+            body["value"] = (
+                text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "..."
+            )
+        return body
+
+
+class ClientError(EncoderError):
+    """The request itself is at fault (4xx)."""
+
+    http_status: ClassVar[int] = 400
+    kind: ClassVar[str] = "client_error"
+
+
+class BadImage(ClientError):
+    """An image that cannot be decoded or used: `BadImage("images[2]", "truncated JPEG")`."""
+
+    http_status: ClassVar[int] = 400
+    kind: ClassVar[str] = "bad_image"
+
+    def __init__(self, field: str, reason: str, *, value: object = None) -> None:
+        super().__init__(reason, field=field, value=value)
+
+
+class ImageTooLarge(BadImage):
+    """An image whose declared dimensions exceed the configured limits.
+
+    Raised from the header, before any pixel is decoded, so a small file declaring a
+    huge canvas (a decompression bomb) costs nothing. `value` is "WIDTHxHEIGHT".
+    """
+
+    http_status: ClassVar[int] = 413
+    kind: ClassVar[str] = "image_too_large"
+
+
+class ServerError(EncoderError):
+    """The service could not do the work now (5xx); the request itself may be fine."""
+
+    http_status: ClassVar[int] = 500
+    kind: ClassVar[str] = "server_error"
+
+
+class Overloaded(ServerError):
+    """The service is shedding load; clients should back off and retry."""
+
+    http_status: ClassVar[int] = 503
+    kind: ClassVar[str] = "overloaded"
+
+    def __init__(
+        self,
+        reason: str,
+        *,
+        field: str | None = None,
+        value: object = None,
+        retry_after_s: float | None = None,
+    ) -> None:
+        super().__init__(reason, field=field, value=value)
+        self.retry_after_s = retry_after_s
+
+    def to_dict(self) -> dict[str, Any]:
+        body = super().to_dict()
+        if self.retry_after_s is not None:
+            body["retry_after_s"] = self.retry_after_s
+        return body
+
+
+class QueueFull(Overloaded):
+    """The batcher's queue is at capacity (`value` is its depth)."""
+
+    kind: ClassVar[str] = "queue_full"

@@ -1,0 +1,211 @@
+"""Image preprocessing for the vision tower: whatever came in -> CLIP-normalised [3, S, S].
+
+The pipeline is the one the released model was trained with: RGB, `resize((S, S),
+BILINEAR)` (no aspect-preserving crop), /255, CLIP mean/std. Everything around it is
+about untrusted input: the header is read first (`Image.open` is lazy) and an image
+whose declared size is over the limits is refused before a pixel is decoded, only a
+short list of formats is parsed at all, and every failure becomes a `BadImage` naming
+the request field.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from encoder_server.errors import BadImage, ImageTooLarge
+
+__all__ = [
+    "ALLOWED_FORMATS",
+    "CLIP_MEAN",
+    "CLIP_STD",
+    "ImageInput",
+    "ImageLimits",
+    "decode_image",
+    "preprocess_batch",
+    "preprocess_image",
+    "to_rgb",
+]
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# Formats Pillow may parse. Pillow knows dozens more (some, like EPS, shell out to
+# other programs); a vision API has no use for them, so they are never tried.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
+
+_SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
+_ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
+
+ImageInput = bytes | bytearray | memoryview | Image.Image | torch.Tensor
+
+_MEAN = np.asarray(CLIP_MEAN, dtype=np.float32)
+_STD = np.asarray(CLIP_STD, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """Ceilings checked against an image's declared size before it is decoded.
+
+    40 megapixels is ~160 MB of RGBA while decoding; `max_side` stops extreme aspect
+    ratios that stay under the pixel budget. Pillow's own bomb check still applies
+    above 2 x `PIL.Image.MAX_IMAGE_PIXELS` (~179 MP) whatever is configured here.
+    """
+
+    max_pixels: int = 40_000_000
+    max_side: int = 16_384
+
+    def check(self, width: int, height: int, field: str) -> None:
+        size = f"{width}x{height}"
+        if width > self.max_side or height > self.max_side:
+            raise ImageTooLarge(field, f"{size} has a side over {self.max_side} px", value=size)
+        if width * height > self.max_pixels:
+            raise ImageTooLarge(
+                field, f"{size} is over the {self.max_pixels} pixel limit", value=size
+            )
+
+
+DEFAULT_LIMITS = ImageLimits()
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview,
+    *,
+    field: str = "image",
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> Image.Image:
+    """Decode encoded bytes (first frame of animations) after checking the header's size."""
+    if len(data) == 0:
+        raise BadImage(field, "empty image data")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # header only
+    except UnidentifiedImageError as exc:
+        allowed = ", ".join(ALLOWED_FORMATS)
+        raise BadImage(field, f"not a supported image (expected one of {allowed})") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLarge(field, str(exc)) from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadImage(field, f"truncated or corrupt image header ({exc})") from exc
+    limits.check(image.width, image.height, field)
+    _load(image, field)
+    return image
+
+
+def _load(image: Image.Image, field: str) -> None:
+    """Decode a lazily opened image (frame 0 only) so corrupt data fails here, by name."""
+    try:
+        image.load()
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadImage(field, f"truncated or corrupt {image.format or 'image'} ({exc})") from exc
+
+
+def to_rgb(image: Image.Image, *, field: str = "image") -> Image.Image:
+    """Upright 8-bit RGB: EXIF orientation applied, transparency composited on white.
+
+    White, not black, because `convert("RGB")` would expose whatever colour sits
+    under transparent pixels (often black), which turns a logo on a transparent
+    background into a black square; white matches how viewers show it.
+    """
+    try:
+        image = ImageOps.exif_transpose(image)
+    except (OSError, ValueError, SyntaxError, KeyError, TypeError) as exc:
+        raise BadImage(field, f"unreadable EXIF orientation ({exc})") from exc
+    if image.mode in _SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if image.mode == "RGB":
+        return image
+    try:
+        return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, ...
+    except ValueError as exc:
+        raise BadImage(field, f"unsupported colour mode {image.mode}") from exc
+
+
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    # Pillow's convert clips 16-bit values at 255 (nearly everything turns white);
+    # scale the 0..65535 range to 0..255 instead, rounding to nearest.
+    values = np.clip(np.asarray(image, dtype=np.int64), 0, 65535)
+    return Image.fromarray(((values * 255 + 32767) // 65535).astype(np.uint8))
+
+
+def preprocess_image(
+    image: ImageInput,
+    size: int = 728,
+    *,
+    field: str = "image",
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> torch.Tensor:
+    """One image -> float32 [3, size, size], resized and CLIP-normalised.
+
+    Accepts encoded bytes (JPEG, PNG, WebP, GIF, BMP), a PIL image, or a tensor
+    [3, H, W] / [1, H, W] of uint8 (0..255) or float (0..1) pixel values.
+    """
+    if isinstance(image, torch.Tensor):
+        unit_range = _resize_tensor(image, size, field, limits)  # [S, S, 3] in 0..1
+    else:
+        if isinstance(image, (bytes, bytearray, memoryview)):
+            image = decode_image(image, field=field, limits=limits)
+        elif isinstance(image, Image.Image):
+            limits.check(image.width, image.height, field)
+            _load(image, field)  # a caller's Image.open() result may not be decoded yet
+        else:
+            raise BadImage(field, f"unsupported image input type {type(image).__name__}")
+        resized = to_rgb(image, field=field).resize((size, size), Image.Resampling.BILINEAR)
+        unit_range = np.asarray(resized, dtype=np.float32) / 255.0  # [S, S, 3]
+    normalised = (unit_range - _MEAN) / _STD  # [S, S, 3]
+    return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))  # [3, S, S]
+
+
+def _resize_tensor(tensor: torch.Tensor, size: int, field: str, limits: ImageLimits) -> np.ndarray:
+    """Resize a pixel tensor with Pillow's filter, so it matches the bytes path."""
+    if tensor.ndim != 3 or tensor.shape[0] not in (1, 3):
+        raise BadImage(field, f"expected a [3, H, W] or [1, H, W] tensor, got {list(tensor.shape)}")
+    height, width = tensor.shape[1:]
+    if height == 0 or width == 0:
+        raise BadImage(field, f"empty image tensor {list(tensor.shape)}")
+    limits.check(width, height, field)
+    pixels = tensor.detach().to("cpu").expand(3, -1, -1)  # [3, H, W]
+    if pixels.dtype == torch.uint8:
+        rgb = Image.fromarray(np.ascontiguousarray(pixels.permute(1, 2, 0).numpy()))
+        resized = rgb.resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(resized, dtype=np.float32) / 255.0  # [S, S, 3]
+    if not pixels.is_floating_point():
+        raise BadImage(field, f"unsupported tensor dtype {pixels.dtype} (use uint8 or float)")
+    pixels = pixels.to(torch.float32)
+    if not bool(torch.isfinite(pixels).all()):
+        raise BadImage(field, "tensor holds NaN or infinite values")
+    low, high = float(pixels.min()), float(pixels.max())
+    if low < 0.0 or high > 1.0:
+        raise BadImage(field, f"float pixel values must lie in [0, 1], got [{low:.4g}, {high:.4g}]")
+    # Mode "F" resizes each channel in float with the same bilinear filter as RGB,
+    # without quantising to 8 bits first.
+    channels = [
+        np.asarray(Image.fromarray(channel.numpy()).resize((size, size), Image.Resampling.BILINEAR))
+        for channel in pixels
+    ]
+    return np.stack(channels, axis=-1)  # [S, S, 3]
+
+
+def preprocess_batch(
+    images: Sequence[ImageInput],
+    size: int = 728,
+    *,
+    field: str = "images",
+    limits: ImageLimits = DEFAULT_LIMITS,
+) -> torch.Tensor:
+    """Several images -> float32 [N, 3, size, size]; errors name `images[i]`."""
+    if len(images) == 0:
+        raise BadImage(field, "no images given")
+    tensors = [
+        preprocess_image(image, size, field=f"{field}[{index}]", limits=limits)
+        for index, image in enumerate(images)
+    ]
+    return torch.stack(tensors)  # [N, 3, S, S]

@@ -1,0 +1,102 @@
+"""The monolithic in-process pipeline: vision tower → ImageInsertEmbedding → decoder.
+
+It is the reference the decoupled system must match caption for caption under greedy
+decoding, the baseline of the end-to-end benchmark, and the evaluator the trainer
+uses. Same checkpoint, same preprocessing, same prompt template, same KV-cache decoder
+backend as the services; only the wire is missing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from encoder_server.model import Step37VisionModel, load_vision_model
+from encoder_server.preprocess import ImageInput, preprocess_batch
+from lm_worker.image_insert_embedding import ImageForInsert, ImageInsertEmbedding
+from lm_worker.model.backend import LocalDecoderBackend
+from lm_worker.model.decoder import Step37Decoder
+from lm_worker.model.loading import load_lm
+from lm_worker.tokens import Step37Tokenizer
+
+__all__ = ["DEFAULT_PROMPT", "InProcessCaptioner"]
+
+DEFAULT_PROMPT = "<image>"
+
+
+class InProcessCaptioner:
+    """Greedy captions for a batch of images, all in one process."""
+
+    def __init__(self, vision: Step37VisionModel, decoder: Step37Decoder, fusion: ImageInsertEmbedding,
+                 tokenizer: Step37Tokenizer, *, max_batch_size: int = 64) -> None:
+        self.vision = vision
+        self.decoder = decoder
+        self.fusion = fusion
+        self.tokenizer = tokenizer
+        self.max_batch_size = max_batch_size
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, *, device: str | None = None,
+                        max_batch_size: int = 64) -> InProcessCaptioner:
+        vision = load_vision_model(directory, device=device)
+        decoder, projector_state, config = load_lm(directory, device=device)
+        tokenizer = Step37Tokenizer.from_file(Path(directory) / "tokenizer.json")
+        fusion = ImageInsertEmbedding(decoder.embed_tokens, config.encoder_output_dim, config.hidden_size,
+                                      config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
+        fusion.align_projector.load_state_dict(projector_state)
+        fusion.to(device=decoder.embed_tokens.weight.device, dtype=decoder.embed_tokens.weight.dtype)
+        return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size)
+
+    @property
+    def image_size(self) -> int:
+        return self.vision.config.image_size
+
+    @torch.inference_mode()
+    def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:
+        """Images → vision features ``[N, L, C]``."""
+        weight = next(self.vision.parameters())
+        pixels = preprocess_batch(images, self.image_size).to(device=weight.device, dtype=weight.dtype)
+        return self.vision(pixels)  # [N, L, C]
+
+    @torch.inference_mode()
+    def caption_features(self, features: torch.Tensor, *, prompt: str = DEFAULT_PROMPT,
+                         max_new_tokens: int = 48) -> list[str]:
+        """Greedy captions from features ``[N, L, C]``, one image per caption."""
+        captions: list[str] = []
+        for start in range(0, features.shape[0], self.max_batch_size):
+            captions += self._caption_chunk(features[start : start + self.max_batch_size], prompt, max_new_tokens)
+        return captions
+
+    def caption(self, images: Sequence[ImageInput], *, prompt: str = DEFAULT_PROMPT,
+                max_new_tokens: int = 48) -> list[str]:
+        return self.caption_features(self.encode(images), prompt=prompt, max_new_tokens=max_new_tokens)
+
+    def _caption_chunk(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
+        count, length = int(features.shape[0]), int(features.shape[1])
+        prompt_ids = self.tokenizer.build_prompt_ids(prompt, [length])
+        backend = LocalDecoderBackend(self.decoder, max_batch_size=count,
+                                      max_seq_len=len(prompt_ids) + max_new_tokens + 1)
+        input_ids = torch.tensor([prompt_ids] * count)  # [N, S]
+        item = ImageForInsert(self.tokenizer.ids.im_start, image_features=features)
+        fused = self.fusion(input_ids, [item])  # [S, N, H]
+        slots = [backend.allocate() for _ in range(count)]
+        logits = backend.prefill(slots, list(fused.unbind(1)))  # [N, V]
+        generated: list[list[int]] = [[] for _ in range(count)]
+        active = list(range(count))
+        eos = self.tokenizer.eos_token_id
+        for _ in range(max_new_tokens):
+            next_ids = logits.argmax(dim=-1)  # [n]
+            still = []
+            for row, token in zip(active, next_ids.tolist(), strict=True):
+                if token == eos:
+                    continue
+                generated[row].append(token)
+                still.append(row)
+            if not still or len(generated[still[0]]) >= max_new_tokens:
+                break
+            keep = [active.index(row) for row in still]
+            active = still
+            logits = backend.decode([slots[row] for row in active], next_ids[keep])
+        return [self.tokenizer.decode(ids) for ids in generated]

@@ -1,0 +1,164 @@
+"""``step37-serve train-demo``: train the bundled ``step37-tiny`` model from scratch.
+
+The vision tower, the align projector and the decoder are trained end to end on
+freshly generated scenes (``services.demo.scenes``), with next-token loss on the
+caption tokens only, through the real ``ImageInsertEmbedding`` path — the same
+modules, preprocessing and prompt template the services run. Prompts vary (no text,
+an instruction before or after the image, unknown words) so the model learns to
+caption whatever the user writes around the image. Seeded; CPU-friendly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from encoder_server.model import VisionConfig, init_random
+from encoder_server.preprocess import preprocess_image
+from lm_worker.image_insert_embedding import ImageForInsert, ImageInsertEmbedding
+from lm_worker.model.config import DecoderConfig
+from lm_worker.model.decoder import Step37Decoder
+from lm_worker.tokens import Step37Tokenizer, build_word_tokenizer
+from services.demo.captions import CAPTION_VOCABULARY, score_captions
+from services.demo.checkpoint import save_checkpoint
+from services.demo.pipeline import InProcessCaptioner
+from services.demo.scenes import generate_scene
+
+# Instructions seen in training, placed before or after the image.
+PROMPT_TEMPLATES = (
+    "<image>",
+    "<image>",
+    "describe the image <image>",
+    "<image> describe the image .",
+    "what is in this picture ? <image>",
+    "caption this image : <image>",
+    "<image> what do you see ?",
+)
+PROMPT_WORDS = ("describe", "image", "what", "is", "this", "picture", "?", "caption", ":", "do", "you", "see", ".")
+DEMO_VOCABULARY = list(dict.fromkeys([*CAPTION_VOCABULARY, *PROMPT_WORDS]))
+IGNORE = -100
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--out", default="models/step37-tiny", help="checkpoint directory to write")
+    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--batch-size", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-scenes", type=int, default=500)
+    parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+
+
+class Examples:
+    """Builds training batches: scene → (pixels, input_ids, labels)."""
+
+    def __init__(self, tokenizer: Step37Tokenizer, image_size: int, tokens_per_image: int, seed: int) -> None:
+        self.tokenizer = tokenizer
+        self.image_size = image_size
+        self.tokens_per_image = tokens_per_image
+        self.rng = random.Random(seed)
+        self.unk_id = tokenizer.tokenizer.token_to_id("<unk>")
+
+    def prompt_ids(self) -> list[int]:
+        template = self.rng.choice(PROMPT_TEMPLATES)
+        ids = self.tokenizer.build_prompt_ids(template, [self.tokens_per_image])
+        if self.rng.random() < 0.15:  # words the tokenizer does not know arrive as <unk>
+            unknown = [self.unk_id] * self.rng.randint(1, 4)
+            position = self.rng.choice([1, len(ids)])
+            ids = ids[:position] + unknown + ids[position:]
+        return ids
+
+    def batch(self, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pixels, sequences, labels = [], [], []
+        for _ in range(size):
+            scene = generate_scene(self.rng.getrandbits(63), self.image_size)
+            pixels.append(preprocess_image(scene.image, self.image_size))
+            prompt = self.prompt_ids()
+            target = self.tokenizer.encode_text(scene.caption) + [self.tokenizer.eos_token_id]
+            sequences.append(prompt + target)
+            # Position t predicts token t+1: only caption (and EOS) targets count.
+            labels.append([IGNORE] * (len(prompt) - 1) + target + [IGNORE])
+        longest = max(len(s) for s in sequences)
+        pad = self.tokenizer.tokenizer.token_to_id("<pad>")
+        input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences])  # [B, S]
+        label_ids = torch.tensor([lab + [IGNORE] * (longest - len(lab)) for lab in labels])  # [B, S]
+        return torch.stack(pixels), input_ids, label_ids
+
+
+def learning_rate(step: int, args: argparse.Namespace) -> float:
+    if step < args.warmup_steps:
+        return args.lr * (step + 1) / args.warmup_steps
+    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def evaluate(captioner: InProcessCaptioner, count: int, seed: int, image_size: int) -> dict[str, float]:
+    rng = random.Random(seed)
+    scenes = [generate_scene(rng.getrandbits(63), image_size) for _ in range(count)]
+    predictions: list[str] = []
+    for start in range(0, count, 100):
+        chunk = scenes[start : start + 100]
+        predictions += captioner.caption([scene.image for scene in chunk])
+    return score_captions(predictions, scenes)
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_word_tokenizer(DEMO_VOCABULARY, out / "tokenizer.json")
+    vision_config = VisionConfig.preset("step37-tiny")
+    vision = init_random(vision_config, seed=args.seed, dtype=torch.float32, device="cpu").train()
+    text_config = DecoderConfig.preset("step37-tiny", vocab_size=tokenizer.vocab_size,
+                                       encoder_output_dim=vision_config.output_dim)
+    decoder = Step37Decoder(text_config).train()
+    fusion = ImageInsertEmbedding(decoder.embed_tokens, text_config.encoder_output_dim, text_config.hidden_size,
+                                  text_config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
+    params = [*vision.parameters(), *decoder.parameters(), *fusion.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    examples = Examples(tokenizer, vision_config.image_size, vision_config.tokens_per_image, args.seed)
+
+    log: list[dict[str, float]] = []
+    started = time.perf_counter()
+    progress = tqdm(range(args.steps), desc="train step37-tiny", unit="step")
+    for step in progress:
+        pixels, input_ids, labels = examples.batch(args.batch_size)
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, args)
+        features = vision(pixels)  # [B, L, C]
+        fused = fusion(input_ids, [ImageForInsert(tokenizer.ids.im_start, image_features=features)])  # [S, B, H]
+        logits = decoder(fused)  # [S, B, V]
+        loss = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                               ignore_index=IGNORE)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        progress.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 10 == 0 or step == args.steps - 1:
+            log.append({"step": step, "loss": round(loss.item(), 5), "lr": learning_rate(step, args),
+                        "elapsed_s": round(time.perf_counter() - started, 1)})
+
+    vision.eval()
+    decoder.eval()
+    train_seconds = time.perf_counter() - started
+    captioner = InProcessCaptioner(vision, decoder, fusion, tokenizer)
+    scores = evaluate(captioner, args.eval_scenes, args.eval_seed, vision_config.image_size)
+    report = {"train_seconds": round(train_seconds, 1), "args": vars(args), "eval": scores, "log": log}
+    save_checkpoint(out, vision=vision, decoder=decoder, fusion=fusion, text_config=text_config,
+                    tokenizer=tokenizer, extra_config={"training": {k: report[k] for k in ("train_seconds", "eval")}})
+    (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")
+    print(json.dumps({"train_seconds": report["train_seconds"], "eval": scores}, indent=2))
+    return 0
