@@ -15,6 +15,7 @@ from collections.abc import Sequence
 # name → (module, help). Each module exposes add_arguments(parser) and run(args) -> int.
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo.run", "run the local demo on the bundled model"),
+    "up": ("services.launcher", "start encoder, LM worker and gateway on loopback"),
     "train-demo": ("services.demo.train", "train the bundled step37-tiny model on generated scenes"),
     "encoder": ("encoder_server.cli", "serve the vision tower (native msgpack + KServe v2)"),
     "lm-worker": ("lm_worker.cli", "serve the decoder fed by ImageForInsert messages"),
@@ -23,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="step37-serve", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="step37-serve", description="Decoupled vision-encoder serving for Step3.7-style models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (_module, help_text) in COMMANDS.items():
         sub.add_parser(name, help=help_text, add_help=False)

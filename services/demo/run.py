@@ -1,59 +1,84 @@
-"""``step37-serve demo``: the smallest real slice of the pipeline, in one process.
+"""``step37-serve demo``: the whole system on the bundled model, end to end, on this machine.
 
-Vision features for a few images (from a seeded random vision output) are serialised
-as an ``ImageForInsert`` msgpack message, decoded as the LM worker would, and
-scatter-inserted into a prompt's embedding by ``ImageInsertEmbedding``; the fused
-``[S, B, H]`` tensor and per-stage timings are printed. The full demo (encoder, LM
-worker and gateway on the bundled model) replaces this once those services exist.
+Starts encoder, LM worker and gateway as local processes (``services.launcher``),
+renders a handful of held-out scenes to PNG files a person can open, captions them
+through the public HTTP API (``/v1/captions``, then one OpenAI-style chat completion),
+and prints each true caption beside the model's with the per-stage timings the
+gateway reports. Asking again for an image already seen shows the feature cache.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import sys
 import time
+from pathlib import Path
 
-import torch
-from torch import nn
+import httpx
 
-import proto
-from lm_worker import ImageInsertEmbedding
+from services.demo.scenes import generate_scene
+from services.launcher import BUNDLED_MODEL, Stack, StackConfig
 
-IM_START, IM_PATCH, IM_END = 1, 2, 3
+DEMO_SEED = 20261125
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--images", type=int, default=4)
-    parser.add_argument("--tokens-per-image", type=int, default=169)
-    parser.add_argument("--encoder-dim", type=int, default=6144)
-    parser.add_argument("--hidden-size", type=int, default=512)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--model", default=str(BUNDLED_MODEL), help="checkpoint directory")
+    parser.add_argument("--images", type=int, default=6, help="how many scenes to caption")
+    parser.add_argument("--seed", type=int, default=DEMO_SEED, help="scene seed (training never saw it)")
+    parser.add_argument("--out", default="demo-output", help="where the scene PNGs are written")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+
+
+def _stage_summary(timings: dict[str, float]) -> str:
+    return "  ".join(f"{name.removesuffix('_ms')} {value:.0f}" for name, value in timings.items()) + "  (ms)"
 
 
 def run(args: argparse.Namespace) -> int:
-    gen = torch.Generator().manual_seed(args.seed)
-    tokens = args.tokens_per_image
-    features = torch.randn(args.images, tokens, args.encoder_dim, generator=gen).bfloat16()
-    item = proto.ImageForInsert(IM_START, image_features=features)
+    model = Path(args.model)
+    if not (model / "config.json").exists():
+        print(f"no checkpoint at {model}; train one with `step37-serve train-demo --out {model}`", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scenes = []
+    for index in range(args.images):
+        scene = generate_scene(args.seed + index)
+        path = out / f"scene-{index}.png"
+        scene.image.save(path)
+        scenes.append((path, scene))
+    (out / "captions.txt").write_text("".join(f"{p.name}\t{s.caption}\n" for p, s in scenes))
 
-    start = time.perf_counter()
-    wire = proto.encode(item)
-    encoded = time.perf_counter()
-    received = proto.decode(wire, expect=proto.ImageForInsert)
-    decoded = time.perf_counter()
+    print(f"starting encoder, LM worker and gateway on {model} ...", flush=True)
+    started = time.perf_counter()
+    with Stack(StackConfig(model=str(model), device=args.device)) as stack, httpx.Client(timeout=120) as client:
+        print(f"ready in {time.perf_counter() - started:.1f} s: gateway at {stack.url}\n")
+        correct = 0
+        for path, scene in scenes:
+            with path.open("rb") as image:
+                response = client.post(f"{stack.url}/v1/captions", files={"file": (path.name, image, "image/png")})
+            response.raise_for_status()
+            body = response.json()
+            caption = body["captions"][0]
+            correct += caption == scene.caption
+            print(f"{path}\n  true:  {scene.caption}\n  model: {caption}  {'✓' if caption == scene.caption else '✗'}"
+                  f"\n  {_stage_summary(body.get('timings', {}))}")
+        print(f"\n{correct}/{len(scenes)} captions exactly right (scenes and true captions in {out}/)\n")
 
-    prompt = []
-    for _ in range(args.images):
-        prompt += [10, 11, IM_START] + [IM_PATCH] * tokens + [IM_END]
-    input_ids = torch.tensor([prompt + [12]])  # [B=1, S]
-    module = ImageInsertEmbedding(nn.Embedding(64, args.hidden_size), args.encoder_dim, args.hidden_size,
-                                  placeholder_token_id=IM_PATCH)
-    with torch.inference_mode():
-        fused = module(input_ids, [received])  # [S, B, H]
-    inserted = time.perf_counter()
-
-    print(f"ImageForInsert: {args.images} images x {tokens} tokens x {args.encoder_dim} bf16 "
-          f"-> {len(wire) / 1e6:.1f} MB msgpack")
-    print(f"fused decoder_input: {list(fused.shape)} [S, B, H]")
-    print(f"timings: encode {1e3 * (encoded - start):.1f} ms, decode {1e3 * (decoded - encoded):.1f} ms, "
-          f"insert {1e3 * (inserted - decoded):.1f} ms")
+        path, scene = scenes[0]
+        data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+        chat = client.post(f"{stack.url}/v1/chat/completions", json={
+            "model": "step37-tiny",
+            "messages": [{"role": "user", "content": [
+                {"type": "text", "text": "describe the image"},
+                {"type": "image_url", "image_url": {"url": data_url}},
+            ]}],
+            "max_tokens": 48,
+        })
+        chat.raise_for_status()
+        answer = chat.json()
+        print("POST /v1/chat/completions (the same first image, now served from the feature cache):")
+        print(f"  {answer['choices'][0]['message']['content']}")
+        print(f"  usage {answer.get('usage')}   server-timing: {chat.headers.get('server-timing', '')}")
     return 0

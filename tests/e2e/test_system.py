@@ -1,0 +1,110 @@
+"""The decoupled system against the monolithic pipeline, through the public API."""
+
+from __future__ import annotations
+
+import base64
+import io
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+
+from services.demo.captions import score_captions
+from services.demo.scenes import generate_scene
+
+HELD_OUT_SEED = 7_700_000  # scene seeds the trainer never draws from
+
+
+def png_bytes(scene) -> bytes:
+    buffer = io.BytesIO()
+    scene.image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def data_url(data: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(data).decode()
+
+
+def caption_via_api(client: httpx.Client, url: str, data: bytes) -> dict:
+    response = client.post(f"{url}/v1/captions", files={"file": ("scene.png", data, "image/png")})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of a Prometheus sample's values matching the name and labels."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith("#") or not line.startswith(name):
+            continue
+        head, _, value = line.rpartition(" ")
+        sample_name = head.split("{", 1)[0]
+        if sample_name != name:
+            continue
+        if all(f'{key}="{val}"' in head for key, val in labels.items()):
+            total += float(value)
+    return total
+
+
+def test_captions_equal_the_in_process_pipeline_and_are_right(stack, reference):
+    scenes = [generate_scene(HELD_OUT_SEED + i) for i in range(50)]
+    images = [png_bytes(scene) for scene in scenes]
+    expected = reference.caption(images)
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(8) as pool:
+        served = list(pool.map(lambda data: caption_via_api(client, stack.url, data)["captions"][0], images))
+    # Greedy decoding: the wire must not change a single caption.
+    assert served == expected
+    scores = score_captions(served, scenes)
+    # Generous floor: the bundled model scores far higher on 500 scenes (README).
+    assert scores["exact_match"] >= 0.7, scores
+    assert min(scores[k] for k in ("shape", "colour", "size", "position")) >= 0.85, scores
+
+
+def test_openai_client_chat_completion_and_stream(stack, reference):
+    scene = generate_scene(HELD_OUT_SEED + 100)
+    data = png_bytes(scene)
+    expected = reference.caption([data], prompt="describe the image <image>")[0]
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+    messages = [{"role": "user", "content": [
+        {"type": "text", "text": "describe the image"},
+        {"type": "image_url", "image_url": {"url": data_url(data)}},
+    ]}]
+    completion = client.chat.completions.create(model="step37-tiny", messages=messages, max_tokens=48)
+    assert completion.choices[0].message.content == expected
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage.completion_tokens > 0 and completion.usage.prompt_tokens > 16
+
+    chunks = list(client.chat.completions.create(model="step37-tiny", messages=messages, max_tokens=48,
+                                                 stream=True, stream_options={"include_usage": True}))
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed.strip() == expected
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+
+
+def test_repeated_image_is_served_from_the_cache(stack):
+    data = png_bytes(generate_scene(HELD_OUT_SEED + 200))
+    with httpx.Client(timeout=120) as client:
+        first = caption_via_api(client, stack.url, data)
+
+        def encoder_requests() -> float:
+            return sum(metric_value(client.get(f"{e.url}/metrics").text, "step37_encoder_images_total")
+                       for e in stack.encoders)
+
+        before = encoder_requests()
+        second = caption_via_api(client, stack.url, data)
+        assert encoder_requests() == before, "the encoder was called for a cached image"
+    assert second["captions"] == first["captions"]
+    gateway_metrics = httpx.get(f"{stack.url}/metrics").text
+    assert metric_value(gateway_metrics, "step37_gateway_cache_hits_total") >= 1
+
+
+@pytest.mark.order("last")
+def test_killing_an_encoder_replica_loses_no_request(stack):
+    scenes = [png_bytes(generate_scene(HELD_OUT_SEED + 300 + i)) for i in range(24)]
+    with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(caption_via_api, client, stack.url, data) for data in scenes]
+        futures[3].result()  # traffic is flowing
+        stack.encoders[0].kill()
+        results = [future.result() for future in futures]
+    assert all(len(result["captions"]) == 1 for result in results)
