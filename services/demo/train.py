@@ -21,11 +21,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from encoder_server.model import VisionConfig, init_random
+from encoder_server.model import VisionConfig, init_random, load_vision_model
 from encoder_server.preprocess import preprocess_image
 from lm_worker.image_insert_embedding import ImageForInsert, ImageInsertEmbedding
 from lm_worker.model.config import DecoderConfig
 from lm_worker.model.decoder import Step37Decoder
+from lm_worker.model.loading import load_lm
 from lm_worker.tokens import Step37Tokenizer, build_word_tokenizer
 from services.demo.captions import CAPTION_VOCABULARY, score_captions
 from services.demo.checkpoint import save_checkpoint
@@ -57,6 +58,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--init-from", default=None,
+                        help="continue from this checkpoint's weights and tokenizer (a fresh schedule)")
 
 
 class Examples:
@@ -112,20 +115,39 @@ def evaluate(captioner: InProcessCaptioner, count: int, seed: int, image_size: i
     return score_captions(predictions, scenes)
 
 
+def build_models(args: argparse.Namespace, out: Path):
+    """Fresh seeded models, or the weights of ``--init-from`` to continue training."""
+    if args.init_from:
+        source = Path(args.init_from)
+        tokenizer = Step37Tokenizer.from_file(source / "tokenizer.json")
+        tokenizer.tokenizer.save(str(out / "tokenizer.json"))
+        vision = load_vision_model(source, dtype=torch.float32, device="cpu")
+        decoder, projector_state, text_config = load_lm(source, dtype=torch.float32, device="cpu")
+    else:
+        tokenizer = build_word_tokenizer(DEMO_VOCABULARY, out / "tokenizer.json")
+        vision_config = VisionConfig.preset("step37-tiny")
+        vision = init_random(vision_config, seed=args.seed, dtype=torch.float32, device="cpu")
+        text_config = DecoderConfig.preset("step37-tiny", vocab_size=tokenizer.vocab_size,
+                                           encoder_output_dim=vision_config.output_dim)
+        decoder = Step37Decoder(text_config)
+        projector_state = None
+    fusion = ImageInsertEmbedding(decoder.embed_tokens, text_config.encoder_output_dim, text_config.hidden_size,
+                                  text_config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
+    if projector_state is not None:
+        fusion.align_projector.load_state_dict(projector_state)
+    for module in (vision, decoder, fusion):
+        module.train().requires_grad_(True)
+    return vision, decoder, fusion, tokenizer, text_config
+
+
 def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = build_word_tokenizer(DEMO_VOCABULARY, out / "tokenizer.json")
-    vision_config = VisionConfig.preset("step37-tiny")
-    vision = init_random(vision_config, seed=args.seed, dtype=torch.float32, device="cpu").train()
-    text_config = DecoderConfig.preset("step37-tiny", vocab_size=tokenizer.vocab_size,
-                                       encoder_output_dim=vision_config.output_dim)
-    decoder = Step37Decoder(text_config).train()
-    fusion = ImageInsertEmbedding(decoder.embed_tokens, text_config.encoder_output_dim, text_config.hidden_size,
-                                  text_config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
+    vision, decoder, fusion, tokenizer, text_config = build_models(args, out)
+    vision_config = vision.config
     params = [*vision.parameters(), *decoder.parameters(), *fusion.parameters()]
     optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
     examples = Examples(tokenizer, vision_config.image_size, vision_config.tokens_per_image, args.seed)
