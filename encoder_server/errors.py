@@ -4,11 +4,17 @@ Hierarchy::
 
     EncoderError                 (500) base; never raised directly
     ├── ClientError              (4xx) the request was wrong; retrying it unchanged fails again
-    │   └── BadImage             (400) undecodable, truncated, empty, wrong shape or range
-    │       └── ImageTooLarge    (413) declared size over the pixel or side limit
+    │   ├── InvalidRequest       (400) malformed request: empty body, bad parameter, bad tensor
+    │   ├── BadImage             (400) undecodable, truncated, empty, wrong shape or range
+    │   │   └── ImageTooLarge    (413) declared size over the pixel or side limit
+    │   ├── TooManyImages        (413) more images in one request than allowed
+    │   ├── ModelNotFound        (404) unknown model name or version (KServe routes)
+    │   └── UnsupportedMediaType (415) a Content-Type the endpoint does not take
     └── ServerError              (5xx) the request may succeed later or elsewhere
-        └── Overloaded           (503) the service sheds load; carries an optional Retry-After
-            └── QueueFull        (503) the batcher's queue is at capacity
+        ├── Overloaded           (503) the service sheds load; carries an optional Retry-After
+        │   ├── QueueFull        (503) the batcher's queue is at capacity
+        │   └── NotReady         (503) not started, shutting down, or the health forward failed
+        └── RequestTimeout       (504) the request's deadline passed before its result was ready
 
 Every error names the `field` that was wrong (e.g. ``images[2]``), the `reason`, and
 where useful the offending `value`, and describes itself with `to_dict()`, so the one
@@ -26,9 +32,15 @@ __all__ = [
     "ClientError",
     "EncoderError",
     "ImageTooLarge",
+    "InvalidRequest",
+    "ModelNotFound",
+    "NotReady",
     "Overloaded",
     "QueueFull",
+    "RequestTimeout",
     "ServerError",
+    "TooManyImages",
+    "UnsupportedMediaType",
 ]
 
 # Echoed values are clipped: a client's 10 MB field must not come back in the error.
@@ -65,6 +77,13 @@ class ClientError(EncoderError):
     kind: ClassVar[str] = "client_error"
 
 
+class InvalidRequest(ClientError):
+    """A request that is malformed as a whole or in one parameter (`field` says which)."""
+
+    http_status: ClassVar[int] = 400
+    kind: ClassVar[str] = "invalid_request"
+
+
 class BadImage(ClientError):
     """An image that cannot be decoded or used: `BadImage("images[2]", "truncated JPEG")`."""
 
@@ -84,6 +103,27 @@ class ImageTooLarge(BadImage):
 
     http_status: ClassVar[int] = 413
     kind: ClassVar[str] = "image_too_large"
+
+
+class TooManyImages(ClientError):
+    """More images in one request than `--max-images-per-request`; `value` is the count."""
+
+    http_status: ClassVar[int] = 413
+    kind: ClassVar[str] = "too_many_images"
+
+
+class ModelNotFound(ClientError):
+    """A model name or version this server does not serve (KServe routes name both)."""
+
+    http_status: ClassVar[int] = 404
+    kind: ClassVar[str] = "model_not_found"
+
+
+class UnsupportedMediaType(ClientError):
+    """A Content-Type the endpoint does not accept; the message lists those it does."""
+
+    http_status: ClassVar[int] = 415
+    kind: ClassVar[str] = "unsupported_media_type"
 
 
 class ServerError(EncoderError):
@@ -121,3 +161,18 @@ class QueueFull(Overloaded):
     """The batcher's queue is at capacity (`value` is its depth)."""
 
     kind: ClassVar[str] = "queue_full"
+
+
+class NotReady(Overloaded):
+    """The model cannot serve right now: still starting, shutting down, or failing its
+    health forward. 503 so load balancers route around this replica."""
+
+    kind: ClassVar[str] = "not_ready"
+
+
+class RequestTimeout(ServerError):
+    """The request's deadline (queue wait + forward) passed; the work may still finish
+    and is then discarded. 504, as for any deadline exceeded upstream of the client."""
+
+    http_status: ClassVar[int] = 504
+    kind: ClassVar[str] = "request_timeout"

@@ -17,6 +17,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from proto import ProtocolError
+
 __all__ = ["error_body", "install_error_handlers", "status_of"]
 
 logger = logging.getLogger(__name__)
@@ -44,8 +46,14 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
     return {"type": "invalid_request", "field": field, "message": f"{field}: {first.get('msg', 'invalid')}"}
 
 
-def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
-    """Register the handlers; ``on_error(kind)`` (optional) counts errors for metrics."""
+def install_error_handlers(app: FastAPI, on_error: Any = None, known: tuple[type[BaseException], ...] = ()) -> None:
+    """Register the handlers; ``on_error(kind)`` (optional) counts errors for metrics.
+
+    ``known`` lists a package's error base classes (``ProtocolError`` is always known).
+    They need their own registration: Starlette runs the handler for ``Exception``
+    inside ServerErrorMiddleware, which re-raises after answering — right for a bug
+    (the server logs its traceback), wrong for a client's bad request.
+    """
 
     def count(kind: str) -> None:
         if on_error is not None:
@@ -70,3 +78,6 @@ def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
         body = error_body(exc)
         count(body.get("type", "internal_error"))
         return JSONResponse({"error": body}, status_code=status)
+
+    for cls in (ProtocolError, *known):
+        app.add_exception_handler(cls, _any)

@@ -1,0 +1,79 @@
+"""The encoder's ASGI app: native and KServe v2 routes around one `EncoderService`.
+
+The lifespan starts the service (preprocessing pool, batcher thread, warm-up forward)
+before the first request and stops it after the last one, so uvicorn's graceful
+shutdown drains in-flight requests before the batcher ends.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from encoder_server import kserve, router
+from encoder_server.errors import EncoderError
+from encoder_server.metrics import EncoderMetrics
+from encoder_server.serving import EncoderService
+from services.common.errors import install_error_handlers
+
+__all__ = ["create_app"]
+
+_UNTIMED_ROUTES = frozenset({"/metrics", "/health"})
+
+
+class RequestMetricsMiddleware:
+    """Counts and times every HTTP request by route template and status code.
+
+    Pure ASGI (not BaseHTTPMiddleware) so streamed responses pass through untouched;
+    the route template comes from the scope FastAPI fills in while routing, which keeps
+    label cardinality bounded whatever paths clients send.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: EncoderMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        status = 500  # what the client sees if the app raises before responding
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            route = getattr(scope.get("route"), "path", "unmatched")
+            if route not in _UNTIMED_ROUTES:
+                self.metrics.http_request(route, status, time.perf_counter() - started)
+
+
+def create_app(service: EncoderService) -> FastAPI:
+    """An app serving ``service``; the caller keeps ownership of the model object."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await service.start()
+        try:
+            yield
+        finally:
+            await service.stop()
+
+    app = FastAPI(title="step37-serve encoder", version="0.1.0", lifespan=lifespan,
+                  description="Step3.7 vision tower: native msgpack API and KServe v2 / Triton HTTP.")
+    app.state.service = service
+    install_error_handlers(app, on_error=service.metrics.error, known=(EncoderError,))
+    app.include_router(router.router)
+    app.include_router(kserve.router)
+    app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)
+    return app
