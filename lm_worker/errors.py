@@ -9,12 +9,17 @@
     │   │   ├── SpanOutOfRange                a block would run past the sequence end
     │   │   ├── PlaceholderMismatch           a block would overwrite non-placeholder tokens
     │   │   └── FeatureDimMismatch            feature dim != the projector's input dim
-    │   └── ContextLengthExceeded             prompt + image tokens + max_new_tokens too long
+    │   ├── TokenLayoutError                  prompt / input_ids do not match the images sent
+    │   ├── ContextLengthExceeded             prompt + image tokens + max_new_tokens too long
+    │   └── UnsupportedMediaType              415: the body is not msgpack
     └── ServerError (RuntimeError)            5xx
+        ├── EngineError                       500: a model step failed; its sequences are failed
+        ├── EngineUnavailable                 503: the engine is not running (stopping, stopped)
         └── Overloaded                        503: waiting queue full
 
-Wire-level problems (bad msgpack, wrong types) are ``proto.ProtocolError``s, raised
-before a request reaches this package.
+Wire-level problems (bad msgpack, wrong types, bad sampling values, unknown version)
+are ``proto.ProtocolError``s, raised before a request reaches this package. Every
+error names the ``field`` that was wrong and carries the ``value`` found there.
 """
 
 from __future__ import annotations
@@ -24,6 +29,8 @@ from typing import Any
 __all__ = [
     "ClientError",
     "ContextLengthExceeded",
+    "EngineError",
+    "EngineUnavailable",
     "FeatureCountMismatch",
     "FeatureDimMismatch",
     "ImageInsertError",
@@ -32,6 +39,8 @@ __all__ = [
     "PlaceholderMismatch",
     "ServerError",
     "SpanOutOfRange",
+    "TokenLayoutError",
+    "UnsupportedMediaType",
 ]
 
 
@@ -82,13 +91,38 @@ class FeatureDimMismatch(ImageInsertError):
     pass
 
 
+class TokenLayoutError(ClientError):
+    """A prompt or raw ``input_ids`` that does not match the images sent with it.
+
+    ``field`` names the place (``input_ids[17]``, ``prompt``, ``image_token_counts[1]``)
+    and ``value`` what was found there.
+    """
+
+    kind = "token_layout_error"
+
+
 class ContextLengthExceeded(ClientError):
-    http_status = 400
     kind = "context_length_exceeded"
+
+
+class UnsupportedMediaType(ClientError):
+    http_status = 415
+    kind = "unsupported_media_type"
 
 
 class ServerError(LMWorkerError, RuntimeError):
     http_status = 500
+
+
+class EngineError(ServerError):
+    """A model step raised; the sequences in that step fail, the engine keeps serving."""
+
+    kind = "engine_error"
+
+
+class EngineUnavailable(ServerError):
+    http_status = 503
+    kind = "engine_unavailable"
 
 
 class Overloaded(ServerError):

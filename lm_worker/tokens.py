@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
-from lm_worker.errors import ClientError
+from lm_worker.errors import TokenLayoutError
 
 __all__ = [
     "IMAGE_PLACEHOLDER",
@@ -40,16 +40,8 @@ __all__ = [
 
 IMAGE_PLACEHOLDER = "<image>"
 
-
-class TokenLayoutError(ClientError):
-    """A prompt or raw ``input_ids`` that does not match the images sent with it.
-
-    A client error (HTTP 400, a ``ValueError``). ``field`` names the place
-    (``input_ids[17]``, ``prompt``, ``image_token_counts[1]``) and ``value`` what was
-    found there.
-    """
-
-    kind = "token_layout_error"
+# TokenLayoutError lives in lm_worker.errors with the rest of the hierarchy; it stays
+# importable from here for callers that found it here first.
 
 
 @dataclass(frozen=True)

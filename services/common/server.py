@@ -25,8 +25,12 @@ def find_free_port(host: str = "127.0.0.1") -> int:
 
 
 def serve(app: object, *, host: str, port: int, log_level: str = "info") -> None:
-    """Serve until SIGINT/SIGTERM; uvicorn drains in-flight requests on shutdown."""
+    """Serve until SIGINT/SIGTERM; uvicorn drains in-flight requests on shutdown.
+
+    ``log_config=None``: uvicorn logs through the root handler set up here instead of
+    installing its own, which printed every line twice.
+    """
     setup_logging(log_level)
-    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False,
+    config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
                             timeout_graceful_shutdown=10)
     uvicorn.Server(config).run()

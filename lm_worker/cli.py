@@ -1,0 +1,69 @@
+"""``step37-serve lm-worker``: serve the decoder fed by ``ImageForInsert`` messages.
+
+    step37-serve lm-worker --model models/step37-tiny
+    step37-serve lm-worker --preset step37-tiny --tokenizer models/step37-tiny/tokenizer.json
+
+Every flag also reads ``STEP37_<FLAG>`` (``--max-batch-size`` → ``STEP37_MAX_BATCH_SIZE``).
+Binds 127.0.0.1 unless told otherwise: the worker is an internal service behind the gateway.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from lm_worker.app import create_app
+from lm_worker.model import DecoderConfig
+from lm_worker.settings import DTYPES, LMWorkerSettings
+from services.common.server import serve
+from services.common.settings import add_setting
+
+__all__ = ["add_arguments", "run"]
+
+
+def _default(name: str) -> Any:
+    """The settings dataclass is the one place defaults are written down."""
+    return LMWorkerSettings.__dataclass_fields__[name].default
+
+
+def _optional(text: str) -> str | None:
+    return text or None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_setting(parser, "--model", default=None, type=_optional,
+                help="checkpoint directory (config.json, *.safetensors, tokenizer.json)")
+    add_setting(parser, "--preset", default=None, type=_optional,
+                help=f"serve random weights of a preset instead, one of {sorted(DecoderConfig.PRESETS)}")
+    add_setting(parser, "--tokenizer", default=None, type=_optional,
+                help="tokenizer.json (required with --preset; overrides the checkpoint's)")
+    add_setting(parser, "--seed", default=_default("seed"), type=int, help="seed of --preset weights")
+    add_setting(parser, "--host", default="127.0.0.1", help="address to bind")
+    add_setting(parser, "--port", default=8002, type=int, help="port to bind")
+    add_setting(parser, "--device", default=_default("device"), help="auto, cpu, cuda or cuda:N")
+    add_setting(parser, "--dtype", default=_default("dtype"), choices=["auto", *DTYPES],
+                help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
+    add_setting(parser, "--max-batch-size", default=_default("max_batch_size"), type=int,
+                help="sequences decoded together (KV-cache slots)")
+    add_setting(parser, "--max-waiting", default=_default("max_waiting"), type=int,
+                help="requests queued for a slot before answering 503")
+    add_setting(parser, "--max-prefill-tokens", default=_default("max_prefill_tokens"), type=int,
+                help="prompt tokens prefilled together in one step")
+    add_setting(parser, "--max-seq-len", default=_default("max_seq_len"), type=int,
+                help="context length per sequence (0: the model's)")
+    add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
+                help="largest accepted request body")
+    add_setting(parser, "--internal-token", default=None, type=_optional,
+                help="require this shared secret in x-internal-token on /v1/* (prefer the env "
+                     "variable: flags show up in ps)")
+    add_setting(parser, "--log-level", default="info",
+                choices=["critical", "error", "warning", "info", "debug"], help="log level")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        settings = LMWorkerSettings.from_args(args)
+    except ValueError as exc:
+        raise SystemExit(f"step37-serve lm-worker: {exc}") from exc
+    serve(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    return 0

@@ -1,0 +1,88 @@
+"""HTTP schemas of the LM worker other than the msgpack wire messages (those are ``proto``).
+
+* ``/health`` and ``/ready`` answer JSON :class:`HealthResponse` / :class:`ReadyResponse`;
+* a streamed ``/v1/generate`` answers ``text/event-stream``: one ``data:`` event per
+  step with new tokens (:class:`TokenChunkEvent`), then one :class:`FinalEvent` with
+  the finish reason, usage and timings. The texts of all events concatenate to the
+  text a non-streamed request returns. A failure after the stream started is sent as
+  ``event: error`` with the same ``{"error": {...}}`` body a 4xx/5xx would carry.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from pydantic import BaseModel
+
+from lm_worker.sequence import StreamEvent
+
+__all__ = [
+    "SSE_MEDIA_TYPE",
+    "FinalEvent",
+    "HealthResponse",
+    "ReadyResponse",
+    "TokenChunkEvent",
+    "sse_error",
+    "sse_events",
+]
+
+SSE_MEDIA_TYPE = "text/event-stream"
+# Proxies (nginx) buffer responses unless told not to; a buffered stream is no stream.
+SSE_HEADERS = {"cache-control": "no-cache", "x-accel-buffering": "no"}
+
+
+class HealthResponse(BaseModel):
+    status: str = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: str
+    model: str
+    running: int
+    waiting: int
+    free_slots: int
+    reason: str | None = None
+
+
+class TokenChunkEvent(BaseModel):
+    token_ids: list[int]
+    text: str
+
+
+class FinalEvent(BaseModel):
+    request_id: str
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float]
+
+
+def _sse(payload: BaseModel | dict[str, Any], event: str | None = None) -> bytes:
+    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+    prefix = f"event: {event}\n" if event else ""
+    return f"{prefix}data: {data}\n\n".encode()
+
+
+def sse_events(request_id: str, event: StreamEvent) -> list[bytes]:
+    """The SSE frames of one engine event: its token chunk, and the final event if last.
+
+    Tokens that arrive with the last step go out as a chunk first, so every token
+    chunk has one shape and the final event only the summary.
+    """
+    frames: list[bytes] = []
+    if not event.is_final:
+        return [_sse(TokenChunkEvent(token_ids=event.token_ids, text=event.text))]
+    if event.token_ids or event.text:
+        frames.append(_sse(TokenChunkEvent(token_ids=event.token_ids, text=event.text)))
+    frames.append(_sse(FinalEvent(
+        request_id=request_id, finish_reason=event.finish_reason or "abort",
+        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+        timings=event.timings,
+    )))
+    return frames
+
+
+def sse_error(body: dict[str, Any]) -> bytes:
+    """An ``event: error`` frame with the body the error handlers would send."""
+    return _sse({"error": body}, event="error")

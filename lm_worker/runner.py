@@ -1,0 +1,86 @@
+"""The engine's model calls: fused embedding, prefill, one decode step, a readiness probe.
+
+The scheduler decides *which* sequences run; :class:`ModelRunner` runs them (the split
+vLLM draws between its scheduler and model runner). Everything here executes on the
+engine thread and returns host-side token ids, so the one device→host sync per step
+is the ``tolist()`` at the end of sampling.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from lm_worker.errors import EngineError
+from lm_worker.image_insert_embedding import ImageInsertEmbedding
+from lm_worker.model.backend import DecoderBackend
+from lm_worker.sampling import SamplingState, sample
+from proto import ImageForInsert
+
+__all__ = ["HostIdsEmbedding", "ModelRunner"]
+
+
+class HostIdsEmbedding(nn.Module):
+    """The decoder's word embedding, called with ids that live on the host.
+
+    ``ImageInsertEmbedding`` finds start tokens on a CPU copy of ``input_ids``; giving
+    it CPU ids and making the one host→device copy here saves a device→host sync per
+    newcomer on a GPU. Returns ``[S, B, H]`` as the fusion expects.
+    """
+
+    def __init__(self, embed_tokens: nn.Embedding) -> None:
+        super().__init__()
+        self.embed_tokens = embed_tokens
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
+        device = self.embed_tokens.weight.device
+        return self.embed_tokens(input_ids.to(device, non_blocking=True).t())  # [B, S] → [S, B, H]
+
+
+class ModelRunner:
+    """Fusion + :class:`DecoderBackend` + sampling, one batch at a time."""
+
+    def __init__(self, backend: DecoderBackend, fusion: ImageInsertEmbedding) -> None:
+        self.backend = backend
+        self.fusion = fusion
+
+    def embed(self, prompt_ids: list[int], images: Sequence[ImageForInsert]) -> torch.Tensor:
+        """Fused ``[S, H]`` embedding of one sequence, on the model's device.
+
+        The ids stay on the CPU, where the fusion looks for start tokens; build the
+        fusion over :class:`HostIdsEmbedding` when the model is on a GPU.
+        """
+        ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, S], host
+        with torch.inference_mode():
+            return self.fusion(ids, list(images))[:, 0]  # [S, 1, H] → [S, H]
+
+    def prefill(self, slots: Sequence[int], embeddings: Sequence[torch.Tensor],
+                states: Sequence[SamplingState]) -> list[int]:
+        """Prefill newcomers together; the first generated token of each."""
+        logits = self.backend.prefill(slots, embeddings)  # [n, V]
+        return sample(logits, states)
+
+    def decode(self, slots: Sequence[int], last_tokens: Sequence[int],
+               states: Sequence[SamplingState]) -> list[int]:
+        """One decode step over running sequences; the next token of each."""
+        token_ids = torch.tensor(list(last_tokens), dtype=torch.long)  # [n]
+        logits = self.backend.decode(slots, token_ids)  # [n, V]
+        return sample(logits, states)
+
+    def probe(self, prompt_ids: list[int], images: Sequence[ImageForInsert]) -> None:
+        """A tiny forward through the real path (fusion, prefill into a slot, free).
+
+        When every slot is taken the engine is demonstrably running forwards, so
+        there is nothing to prove and no slot to borrow.
+        """
+        if self.backend.num_free_slots == 0:
+            return
+        slot = self.backend.allocate()
+        try:
+            logits = self.backend.prefill([slot], [self.embed(prompt_ids, images)])  # [1, V]
+            if not bool(torch.isfinite(logits).all()):
+                raise EngineError("", "readiness probe produced non-finite logits")
+        finally:
+            self.backend.free(slot)

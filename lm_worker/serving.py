@@ -1,0 +1,127 @@
+"""``LMWorkerService``: the worker's logic between the HTTP router and the engine.
+
+It owns the loaded model, the :class:`Scheduler` and its engine thread, the request
+validator and the metrics. The router hands it bytes and gets back either a
+``GenerateResponse`` or a started :class:`GenerationStream`; nothing here knows about
+HTTP beyond the errors' status codes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import torch
+
+import proto
+from lm_worker.errors import EngineUnavailable
+from lm_worker.metrics import LMWorkerMetrics
+from lm_worker.model import LocalDecoderBackend
+from lm_worker.runner import ModelRunner
+from lm_worker.scheduler import Scheduler
+from lm_worker.sequence import GenerationStream, SequenceRequest
+from lm_worker.settings import LMWorkerSettings, LoadedModel, load_model
+from lm_worker.validation import RequestValidator
+from proto import GenerateRequest, GenerateResponse, ImageForInsert, WireLimits
+
+__all__ = ["LMWorkerService", "ReadyState"]
+
+ReadyState = tuple[bool, str | None]  # (ready, reason when not)
+
+
+class LMWorkerService:
+    """One model served with continuous batching; ``start``/``stop`` bracket its engine."""
+
+    def __init__(self, model: LoadedModel, settings: LMWorkerSettings,
+                 metrics: LMWorkerMetrics | None = None) -> None:
+        self.model = model
+        self.settings = settings
+        self.metrics = metrics or LMWorkerMetrics()
+        config = model.config
+        max_seq_len = min(settings.max_seq_len or config.max_position_embeddings,
+                          config.max_position_embeddings)
+        backend = LocalDecoderBackend(model.decoder, max_batch_size=settings.max_batch_size,
+                                      max_seq_len=max_seq_len)
+        self.scheduler = Scheduler(
+            ModelRunner(backend, model.fusion),
+            eos_token_id=model.tokenizer.eos_token_id,
+            decode_text=model.tokenizer.decode,
+            max_batch_size=settings.max_batch_size,
+            max_waiting=settings.max_waiting,
+            max_prefill_tokens=settings.max_prefill_tokens,
+            observer=self.metrics,
+        )
+        self.validator = RequestValidator(model.tokenizer, encoder_output_dim=config.encoder_output_dim,
+                                          vocab_size=config.vocab_size, max_seq_len=max_seq_len)
+        self.wire_limits = WireLimits(max_message_bytes=settings.max_body_bytes)
+        self._probe_ids, self._probe_images = self._probe_request()
+
+    @classmethod
+    def from_settings(cls, settings: LMWorkerSettings) -> LMWorkerService:
+        return cls(load_model(settings), settings)
+
+    @property
+    def model_name(self) -> str:
+        return self.settings.model_name
+
+    def start(self) -> None:
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        self.scheduler.stop()
+
+    # ---- requests --------------------------------------------------------------------
+    def prepare(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
+        """Decode and validate a msgpack ``GenerateRequest`` (CPU work: run it off the loop)."""
+        arrival = time.perf_counter()
+        request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
+        sequence = self.validator(request, arrival)
+        sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
+        return request, sequence
+
+    async def prepare_async(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
+        """:meth:`prepare` on a worker thread: the finite-check scans every feature value."""
+        return await asyncio.to_thread(self.prepare, body)
+
+    def submit(self, sequence: SequenceRequest) -> GenerationStream:
+        return self.scheduler.submit(sequence)
+
+    async def generate(self, sequence: SequenceRequest) -> GenerateResponse:
+        """The whole response; cancelling the awaiting task cancels the sequence."""
+        return await self.submit(sequence).collect()
+
+    async def open_stream(self, sequence: SequenceRequest) -> GenerationStream:
+        """A stream whose first event has arrived (see ``GenerationStream.wait_started``).
+
+        Failures at admission (images that do not fit, an engine error in prefill) thus
+        raise here, with their own status code, rather than inside a 200 stream.
+        """
+        stream = self.submit(sequence)
+        try:
+            await stream.wait_started()
+        except BaseException:
+            stream.cancel()
+            raise
+        return stream
+
+    # ---- readiness -------------------------------------------------------------------
+    async def ready(self) -> ReadyState:
+        """A tiny forward through fusion and prefill, run by the engine between steps."""
+        if not self.scheduler.is_running:
+            return False, "engine not running"
+        future = self.scheduler.probe(self._probe_ids, self._probe_images)
+        try:
+            await asyncio.wait_for(asyncio.wrap_future(future), self.settings.ready_timeout_s)
+        except asyncio.TimeoutError:  # not the builtin on Python 3.10
+            future.cancel()
+            return False, f"probe did not finish within {self.settings.ready_timeout_s} s"
+        except (EngineUnavailable, RuntimeError, ValueError) as exc:  # logged by the engine
+            return False, f"{type(exc).__name__}: {exc}"
+        return True, None
+
+    def _probe_request(self) -> tuple[list[int], list[ImageForInsert]]:
+        ids = self.model.tokenizer.ids
+        weight = self.model.fusion.align_projector.weight
+        features = torch.zeros(1, 1, self.model.config.encoder_output_dim, dtype=weight.dtype)
+        return ([ids.bos, ids.im_start, ids.im_patch, ids.im_end],
+                [ImageForInsert(ids.im_start, image_features=features)])
