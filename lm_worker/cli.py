@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+import torch
+
 from lm_worker.app import create_app
 from lm_worker.model import DecoderConfig
 from lm_worker.settings import DTYPES, LMWorkerSettings
@@ -41,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--host", default="127.0.0.1", help="address to bind")
     add_setting(parser, "--port", default=8002, type=int, help="port to bind")
     add_setting(parser, "--device", default=_default("device"), help="auto, cpu, cuda or cuda:N")
+    add_setting(parser, "--torch-threads", default=0, type=int,
+                help="intra-op threads (0: torch's default); on small CPUs leave cores to the other services")
     add_setting(parser, "--dtype", default=_default("dtype"), choices=["auto", *DTYPES],
                 help="compute dtype (auto: float32 on CPU, bfloat16 on GPU)")
     add_setting(parser, "--max-batch-size", default=_default("max_batch_size"), type=int,
@@ -61,6 +65,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.torch_threads > 0:
+        torch.set_num_threads(args.torch_threads)
     try:
         settings = LMWorkerSettings.from_args(args)
     except ValueError as exc:

@@ -9,6 +9,7 @@ Ctrl-C / SIGTERM, every child's process group is stopped — no orphans.
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import tempfile
 import time
@@ -48,6 +49,7 @@ class Stack:
         self.log_dir = Path(config.log_dir or tempfile.mkdtemp(prefix="step37-logs-"))
         self.log_dir.mkdir(parents=True, exist_ok=True)
         device = [] if config.device == "auto" else ["--device", config.device]
+        device += ["--torch-threads", str(self.threads_per_service())]
         model = ["--model", config.model]
         self.encoders = [
             self._service(f"encoder-{i}", ["encoder", *model, *device, *config.encoder_args])
@@ -58,6 +60,11 @@ class Stack:
             for i in range(config.lm_replicas)
         ]
         self.gateway: ServiceProcess | None = None
+
+    def threads_per_service(self) -> int:
+        """Share the cores between the compute services: oversubscribed OpenMP threads
+        spin against each other and can run several times slower than one thread each."""
+        return max(1, (os.cpu_count() or 1) // (self.config.encoder_replicas + self.config.lm_replicas))
 
     def _service(self, name: str, command: list[str], port: int = 0) -> ServiceProcess:
         return ServiceProcess(name, command, host=self.config.host, port=port,
@@ -81,6 +88,7 @@ class Stack:
                 list(pool.map(lambda s: s.wait_ready(self.config.ready_timeout_s), downstream))
             gateway_args = [arg for e in self.encoders for arg in ("--encoder-url", e.url)]
             gateway_args += [arg for w in self.lm_workers for arg in ("--lm-url", w.url)]
+            gateway_args += ["--encoder-model", Path(self.config.model).name]
             if self.config.api_key:
                 gateway_args += ["--api-key", self.config.api_key]
             self.gateway = self._service("gateway", ["gateway", *gateway_args, *self.config.gateway_args],

@@ -1,0 +1,237 @@
+"""Calling the LM worker tier: one generate, or one token stream, per request.
+
+Generation is not idempotent (sampling with no seed, and it costs GPU time), so a
+request moves to another endpoint only when the first provably did nothing: the
+connection was refused, or the worker answered "busy" (503) before starting. Once a
+stream is open nothing is retried — the client may already hold tokens. Closing an
+:class:`LMStream` closes the HTTP response, which the worker sees as a disconnect and
+answers by freeing the sequence's KV-cache slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+import proto
+from proto import GenerateRequest, GenerateResponse
+from proto.messages import FINISH_REASONS
+from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from services.gateway.pool import Endpoint, EndpointPool
+from services.gateway.sse import iter_events
+from services.gateway.upstream import error_from_exception, error_from_status, read_bounded
+
+__all__ = ["LMClient", "LMStream", "StreamFinish", "TokenDelta"]
+
+logger = logging.getLogger(__name__)
+
+SERVICE = "LM worker"
+_FINISH_REASONS = frozenset(FINISH_REASONS)
+
+
+@dataclass
+class TokenDelta:
+    token_ids: list[int]
+    text: str
+
+
+@dataclass
+class StreamFinish:
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def _event(payload: str) -> dict[str, Any]:
+    try:
+        event = json.loads(payload)
+    except json.JSONDecodeError as exc:
+        raise UpstreamError(f"the LM worker streamed an event that is not JSON ({exc})") from exc
+    if not isinstance(event, dict):
+        raise UpstreamError("the LM worker streamed an event that is not a JSON object")
+    if "error" in event:
+        error = event["error"]
+        message = error.get("message", error) if isinstance(error, dict) else error
+        raise UpstreamError(f"the LM worker failed mid-stream: {message}")
+    return event
+
+
+def _delta(event: dict[str, Any]) -> TokenDelta:
+    token_ids, text = event.get("token_ids", []), event.get("text", "")
+    if not isinstance(token_ids, list) or not all(isinstance(t, int) for t in token_ids) or not isinstance(text, str):
+        raise UpstreamError("the LM worker streamed a chunk without int token_ids / str text")
+    return TokenDelta(token_ids, text)
+
+
+def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
+    """The final event; the worker's own ``completion_tokens`` wins over the count of
+    streamed ids (they agree unless the worker held tokens back, e.g. a stop string)."""
+    reason, prompt_tokens, timings = event["finish_reason"], event.get("prompt_tokens", 0), event.get("timings", {})
+    completion_tokens = event.get("completion_tokens", counted_tokens)
+    if not isinstance(completion_tokens, int):
+        raise UpstreamError("the LM worker streamed a non-integer completion_tokens")
+    if reason not in _FINISH_REASONS or not isinstance(prompt_tokens, int) or not isinstance(timings, dict):
+        raise UpstreamError(f"the LM worker streamed a malformed final event (finish_reason={reason!r})")
+    clean = {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
+    return StreamFinish(reason, prompt_tokens, completion_tokens, clean)
+
+
+class LMStream:
+    """An open token stream from one LM worker; iterate :meth:`events` once, then :meth:`aclose`."""
+
+    def __init__(self, client: LMClient, endpoint: Endpoint, response: httpx.Response) -> None:
+        self._client = client
+        self._endpoint = endpoint
+        self._response = response
+        self._closed = False
+
+    async def events(self) -> AsyncIterator[TokenDelta | StreamFinish]:
+        """Token deltas, then exactly one :class:`StreamFinish`; raises ``GatewayError`` otherwise."""
+        completion_tokens = 0
+        try:
+            async for payload in iter_events(self._response.aiter_lines()):
+                if payload.strip() == "[DONE]":
+                    break
+                event = _event(payload)
+                delta = _delta(event)
+                completion_tokens += len(delta.token_ids)
+                if delta.token_ids or delta.text:
+                    yield delta
+                if "finish_reason" in event:
+                    self._client.pool.record_success(self._endpoint)
+                    yield _finish(event, completion_tokens)
+                    return
+        except httpx.HTTPError as exc:
+            error = error_from_exception(SERVICE, exc, idempotent=False)
+            self._client._failed(self._endpoint, error)
+            raise error from exc
+        except GatewayError as exc:
+            self._client._failed(self._endpoint, exc)
+            raise
+        except ValueError as exc:  # iter_events: an oversized event
+            raise UpstreamError(f"the LM worker stream is malformed ({exc})") from exc
+        error = UpstreamError("the LM worker ended the stream without a finish_reason")
+        self._client._failed(self._endpoint, error)
+        raise error
+
+    async def aclose(self) -> None:
+        """Close the upstream response (idempotent): the worker stops generating."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._response.aclose()
+        finally:
+            self._client.pool.release(self._endpoint)
+
+
+class LMClient:
+    """Sends ``GenerateRequest`` messages to the least busy ready LM worker."""
+
+    def __init__(self, pool: EndpointPool, client: httpx.AsyncClient, *, timeout_s: float = 120.0,
+                 connect_timeout_s: float = 5.0, limits: proto.WireLimits = proto.DEFAULT_LIMITS,
+                 on_error: Callable[[str, GatewayError], None] | None = None) -> None:
+        self.pool = pool
+        self.client = client
+        # read: a whole non-streaming generate, or the longest gap between streamed events.
+        self.timeout_s = timeout_s
+        self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
+        self.limits = limits
+        self.on_error = on_error
+
+    async def generate(self, request: GenerateRequest) -> GenerateResponse:
+        """The whole generation in one answer, within ``timeout_s`` (httpx bounds each read;
+        this bounds the call, so a worker that dribbles bytes cannot hold it forever)."""
+        try:
+            return await asyncio.wait_for(self._generate(request), self.timeout_s)
+        except asyncio.TimeoutError:
+            error = UpstreamTimeout(f"the LM worker did not answer within {self.timeout_s:g} s")
+            if self.on_error is not None:
+                self.on_error(SERVICE, error)
+            raise error from None
+
+    async def _generate(self, request: GenerateRequest) -> GenerateResponse:
+        request.stream = False
+        endpoint, response = await self._open(request)
+        try:
+            data = await read_bounded(response, self.limits.max_message_bytes, service=SERVICE)
+        except httpx.HTTPError as exc:
+            error = error_from_exception(SERVICE, exc, idempotent=False)
+            self._failed(endpoint, error)
+            raise error from exc
+        finally:
+            await response.aclose()
+            self.pool.release(endpoint)
+        try:
+            message = proto.decode(data, expect=GenerateResponse, limits=self.limits)
+        except proto.ProtocolError as exc:
+            raise UpstreamError(f"the LM worker sent an invalid GenerateResponse ({exc})") from exc
+        self.pool.record_success(endpoint)
+        return message
+
+    async def open_stream(self, request: GenerateRequest) -> LMStream:
+        """Start generating; returns once the worker accepted (status 200), before any token."""
+        request.stream = True
+        endpoint, response = await self._open(request)
+        content_type = response.headers.get("content-type", "")
+        if not content_type.startswith("text/event-stream"):
+            await response.aclose()
+            self.pool.release(endpoint)
+            raise UpstreamError(f"the LM worker answered a stream request with {content_type or 'no content type'}")
+        return LMStream(self, endpoint, response)
+
+    def _failed(self, endpoint: Endpoint, error: GatewayError) -> None:
+        if error.endpoint_fault:
+            self.pool.record_failure(endpoint, error.message)
+        if self.on_error is not None:
+            self.on_error(SERVICE, error)
+
+    async def _open(self, request: GenerateRequest) -> tuple[Endpoint, httpx.Response]:
+        """POST to a chosen endpoint; a 200 response (body unread, endpoint acquired) or an error."""
+        body = proto.encode(request)
+        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
+        tried: list[Endpoint] = []
+        last_error: GatewayError | None = None
+        while True:
+            try:
+                endpoint = self.pool.acquire(exclude=tried)
+            except ServiceUnavailable:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            tried.append(endpoint)
+            try:
+                return endpoint, await self._post(endpoint, body, headers)
+            except GatewayError as exc:
+                self.pool.release(endpoint)
+                self._failed(endpoint, exc)
+                if not exc.retryable:
+                    raise
+                last_error = exc
+                logger.warning("generate %s on %s failed before starting (%s); trying another endpoint",
+                               request.request_id, endpoint.url, exc.message)
+            except BaseException:
+                self.pool.release(endpoint)  # cancelled: the caller's disconnect
+                raise
+
+    async def _post(self, endpoint: Endpoint, body: bytes, headers: dict[str, str]) -> httpx.Response:
+        request = self.client.build_request("POST", f"{endpoint.url}/v1/generate", content=body, headers=headers,
+                                            timeout=self.timeout)
+        try:
+            response = await self.client.send(request, stream=True)
+            if response.status_code != 200:
+                try:
+                    error_body = await read_bounded(response, 64 * 1024, service=SERVICE)
+                finally:
+                    await response.aclose()
+                raise error_from_status(SERVICE, response.status_code, error_body, idempotent=False)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(SERVICE, exc, idempotent=False) from exc
+        return response

@@ -1,0 +1,115 @@
+"""Endpoint pools: least-outstanding choice, ejection after failures, re-admission by probe."""
+
+from __future__ import annotations
+
+import asyncio
+from collections import Counter
+
+import httpx
+import pytest
+from gateway_fakes import FakeEncoder, chat_body, harness, png
+
+from services.gateway.errors import ServiceUnavailable
+from services.gateway.pool import EndpointPool
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_least_outstanding_wins_and_ties_rotate():
+    pool = EndpointPool("encoder", ["http://a", "http://b", "http://c"])
+    a, b, c = pool.endpoints
+    a.outstanding, b.outstanding, c.outstanding = 2, 0, 1
+    assert pool.choose() is b
+    assert pool.choose(exclude=[b]) is c
+    b.outstanding = 1
+    picks = Counter(pool.choose().url for _ in range(10))
+    assert picks == {"http://b": 5, "http://c": 5}
+
+
+def test_acquire_counts_outstanding_until_release():
+    pool = EndpointPool("lm", ["http://a", "http://b"])
+    first = pool.acquire()
+    second = pool.acquire()
+    assert first is not second and first.outstanding == second.outstanding == 1
+    pool.release(first)
+    assert pool.acquire() is first
+
+
+def test_ejected_after_consecutive_failures_and_readmitted_by_a_probe():
+    async def scenario():
+        ready = {"http://a": True, "http://b": False}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            host = f"http://{request.url.host}"
+            assert request.url.path == "/ready"
+            return httpx.Response(200 if ready[host] else 503)
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        pool = EndpointPool("encoder", ["http://a", "http://b"], eject_after_failures=2)
+        a, b = pool.endpoints
+        pool.record_failure(a, "boom")
+        pool.record_success(a)  # a success resets the streak
+        pool.record_failure(a, "boom")
+        assert a.ready
+        pool.record_failure(a, "boom")
+        assert not a.ready and pool.choose() is b
+        assert await pool.probe_once(client) == 1  # a answers ready: back in; b fails its first probe
+        assert a.ready and a.consecutive_failures == 0 and b.ready
+        assert await pool.probe_once(client) == 1
+        assert not b.ready  # two probe failures in a row
+        ready["http://a"] = False
+        for _ in range(2):
+            await pool.probe_once(client)
+        with pytest.raises(ServiceUnavailable, match="no ready encoder endpoint"):
+            pool.choose()
+        ready["http://b"] = True
+        await pool.probe_once(client)
+        assert pool.choose() is b
+
+    run(scenario())
+
+
+def test_probe_treats_connection_errors_as_failures():
+    async def scenario():
+        def handler(request: httpx.Request) -> httpx.Response:
+            raise httpx.ConnectError("refused", request=request)
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        pool = EndpointPool("lm", ["http://a"], eject_after_failures=1)
+        assert await pool.probe_once(client) == 0 and not pool.endpoints[0].ready
+
+    run(scenario())
+
+
+def test_a_dead_encoder_is_ejected_and_traffic_moves_to_the_live_one():
+    async def scenario():
+        encoder = FakeEncoder(behaviours={"http://encoder-a": httpx.ConnectError})
+        h = harness(encoder, eject_after_failures=2, cache_bytes=0)
+        for i in range(6):
+            response = await h.client.post("/v1/chat/completions", json=chat_body(png(colour=(i, 0, 0))))
+            assert response.status_code == 200, response.text
+        hosts = [host for host, _ in encoder.calls]
+        assert hosts.count("http://encoder-a") == 2  # tried until ejected, then skipped
+        assert not h.state.encoder_pool.endpoints[0].ready
+        # it comes back: the probe (here via /ready) sees it ready and re-admits it
+        encoder.behaviours.clear()
+        assert (await h.client.get("/ready")).status_code == 200
+        assert h.state.encoder_pool.endpoints[0].ready
+        metrics = (await h.client.get("/metrics")).text
+        assert 'step37_gateway_endpoint_ready{service="encoder",url="http://encoder-a"} 1.0' in metrics
+
+    run(scenario())
+
+
+def test_concurrent_encodes_spread_over_replicas():
+    async def scenario():
+        encoder = FakeEncoder(delay_s=0.1)
+        h = harness(encoder, cache_bytes=0)
+        files = [{"file": (f"{i}.png", png(colour=(i, 1, 2)), "image/png")} for i in range(4)]
+        responses = await asyncio.gather(*(h.client.post("/v1/captions", files=f) for f in files))
+        assert all(r.status_code == 200 for r in responses)
+        assert Counter(host for host, _ in encoder.calls) == {"http://encoder-a": 2, "http://encoder-b": 2}
+
+    run(scenario())
