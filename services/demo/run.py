@@ -32,7 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _stage_summary(timings: dict[str, float]) -> str:
-    return "  ".join(f"{name.removesuffix('_ms')} {value:.0f}" for name, value in timings.items()) + "  (ms)"
+    """The gateway's own stages; the services' sub-stages (``encoder.*``, ``lm.*``) are left out."""
+    stages = [f"{name} {value:.0f}" for name, value in timings.items() if "." not in name]
+    return "ms: " + "  ".join(stages)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,0 +1,178 @@
+"""End to end: the decoupled system versus the monolithic in-process pipeline.
+
+Same workload (held-out scenes as PNG, one image per request, greedy captions), same
+model, same machine, in one run, rounds interleaved:
+
+- ``decoupled``: encoder, LM worker and gateway as three processes (one torch thread
+  each on this 2-core machine), driven over HTTP by the bundled load tester
+  (``/v1/captions``, closed loop at each concurrency);
+- ``monolithic``: vision tower → ImageInsertEmbedding → decoder in this process (two
+  torch threads), the same closed loop: ``c`` clients means batches of ``c`` images;
+- ``decoupled_reuse50``: the decoupled system where half the images repeat an earlier
+  one, so the gateway's feature cache answers instead of the encoder.
+
+    python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import RESULTS_DIR, write_result
+from services.demo.pipeline import InProcessCaptioner
+from services.launcher import BUNDLED_MODEL, Stack, StackConfig
+from services.loadtest.images import GeneratedImages
+from services.loadtest.runner import LoadPoint, LoadTester, RunSettings
+from services.loadtest.stats import distribution, summarize
+from services.loadtest.workload import Workload, WorkloadConfig
+
+# Stages the gateway reports; the wire's share is transfer (gateway ↔ services, both
+# directions, msgpack included) plus the encoder's serialisation of the features.
+WIRE_STAGES = ("transfer", "encoder.serialize")
+
+
+def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse: float) -> dict:
+    settings = RunSettings(url=f"{url}/v1/captions", endpoint="captions", requests=requests,
+                           warmup_requests=2, timeout_s=120, seed=seed, progress=False)
+    workload = Workload(WorkloadConfig(endpoint="captions", reuse=reuse, seed=seed, max_tokens=48),
+                        GeneratedImages("scenes", 224, "png", seed=seed))
+    tester = LoadTester(settings, workload)
+    (result,) = asyncio.run(tester.run([LoadPoint(concurrency=concurrency)]))
+    return summarize(result.records, not_sent=result.not_sent)
+
+
+def monolithic_point(captioner: InProcessCaptioner, concurrency: int, requests: int, seed: int) -> dict:
+    images = GeneratedImages("scenes", 224, "png", seed=seed)
+    data = [images.image(i).data for i in range(requests + concurrency)]
+    captioner.caption(data[:concurrency])  # warm-up, as the load tester's
+    latencies = []
+    started = time.perf_counter()
+    for start in range(concurrency, concurrency + requests, concurrency):
+        batch = data[start : start + concurrency]
+        t0 = time.perf_counter()
+        captioner.caption(batch)
+        latencies += [1e3 * (time.perf_counter() - t0)] * len(batch)
+    window = time.perf_counter() - started
+    return {"requests": {"ok": len(latencies)}, "window_s": window,
+            "throughput": {"requests_per_s": len(latencies) / window},
+            "latency_ms": distribution(latencies)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=str(BUNDLED_MODEL))
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    captioner = InProcessCaptioner.from_pretrained(args.model, device="cpu")
+    samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
+                                                 for v in ("decoupled", "monolithic", "decoupled_reuse50")}
+    with Stack(StackConfig(model=args.model, device="cpu", log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
+        for round_index in range(args.rounds):
+            for concurrency in levels:
+                seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points
+                order = ["decoupled", "monolithic", "decoupled_reuse50"]
+                if round_index % 2:
+                    order.reverse()
+                for variant in order:
+                    if variant == "monolithic":
+                        summary = monolithic_point(captioner, concurrency, args.requests, seed)
+                    else:
+                        reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
+                        summary = decoupled_point(stack.url, concurrency, args.requests,
+                                                  seed + (500 if reuse else 0), reuse)
+                    samples[variant][concurrency].append(summary)
+                    print(f"round {round_index} c={concurrency:<3} {variant:<18} "
+                          f"{summary['throughput']['requests_per_s']:.2f} req/s  "
+                          f"p50 {summary['latency_ms']['p50']:.0f} ms", flush=True)
+
+    def median_of(variant: str, concurrency: int, *path: str) -> float:
+        values = []
+        for summary in samples[variant][concurrency]:
+            value = summary
+            for key in path:
+                value = value[key]
+            values.append(value)
+        return statistics.median(values)
+
+    table = {}
+    for c in levels:
+        row = {v: {"requests_per_s": median_of(v, c, "throughput", "requests_per_s"),
+                   "p50_ms": median_of(v, c, "latency_ms", "p50"), "p99_ms": median_of(v, c, "latency_ms", "p99"),
+                   "mean_ms": median_of(v, c, "latency_ms", "mean")} for v in samples}
+        row["decoupled_over_monolithic"] = {
+            "throughput": row["decoupled"]["requests_per_s"] / row["monolithic"]["requests_per_s"],
+            "p50": row["decoupled"]["p50_ms"] / row["monolithic"]["p50_ms"],
+            "p99": row["decoupled"]["p99_ms"] / row["monolithic"]["p99_ms"],
+        }
+        row["reuse50_mean_latency_cut"] = 1 - row["decoupled_reuse50"]["mean_ms"] / row["decoupled"]["mean_ms"]
+        table[c] = row
+
+    stages_c1 = {}
+    for summary in samples["decoupled"][levels[0]]:
+        for stage, dist in (summary.get("server_timings_ms") or {}).items():
+            stages_c1.setdefault(stage, []).append(dist["mean"])
+    stage_means = {stage: statistics.median(values) for stage, values in stages_c1.items()}
+    wire_ms = sum(stage_means.get(stage, 0.0) for stage in WIRE_STAGES)
+    latency_c1 = table[levels[0]]["decoupled"]["mean_ms"]
+    payload = {
+        "config": vars(args),
+        "table": {str(c): row for c, row in table.items()},
+        "stage_means_ms_at_lowest_concurrency": stage_means,
+        "wire_overhead_ms_at_lowest_concurrency": wire_ms,
+        "wire_overhead_fraction_at_lowest_concurrency": wire_ms / latency_c1,
+        "samples": {v: {str(c): s for c, s in per.items()} for v, per in samples.items()},
+        "targets": {"wire_overhead_fraction_at_c1": "<= 0.05", "throughput_ratio_at_c16": ">= 0.9",
+                    "reuse50_mean_latency_cut": ">= 0.30"},
+    }
+    path = write_result("e2e", payload)
+    write_plot(table, path.with_suffix(".png"))
+    print(f"\n{'c':>3} {'variant':<18} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
+    for c, row in table.items():
+        for variant in samples:
+            r = row[variant]
+            print(f"{c:>3} {variant:<18} {r['requests_per_s']:>7.2f} {r['p50_ms']:>8.0f} {r['p99_ms']:>8.0f}")
+        ratio = row["decoupled_over_monolithic"]
+        print(f"    decoupled/monolithic: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
+              f"p99 {ratio['p99']:.2f}x; 50% reuse cuts mean latency by {100 * row['reuse50_mean_latency_cut']:.0f}%")
+    print(f"wire + serialisation at c={levels[0]}: {wire_ms:.1f} ms of {latency_c1:.0f} ms "
+          f"({100 * wire_ms / latency_c1:.1f}%)\nwrote {path}")
+
+
+def write_plot(table: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = list(table)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for variant, marker in (("decoupled", "o"), ("monolithic", "s"), ("decoupled_reuse50", "^")):
+        left.plot(levels, [table[c][variant]["requests_per_s"] for c in levels], marker=marker, label=variant)
+        right.plot(levels, [table[c][variant]["p99_ms"] for c in levels], marker=marker, label=variant)
+    for axis, title in ((left, "throughput (requests/s)"), (right, "p99 latency (ms)")):
+        axis.set_xscale("log", base=2)
+        axis.set_xlabel("concurrency")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+    left.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
