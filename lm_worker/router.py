@@ -7,9 +7,8 @@ disconnects cancels its sequence: the engine frees the slot at its next step.
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
@@ -29,7 +28,7 @@ from lm_worker.protocol import (
 from lm_worker.sequence import GenerationStream
 from lm_worker.serving import LMWorkerService
 from services.common.errors import error_body, status_of
-from services.common.http import msgpack_response, read_body
+from services.common.http import cancel_on_disconnect, msgpack_response, read_body
 from services.common.metrics import metrics_response
 
 __all__ = ["create_router"]
@@ -51,12 +50,12 @@ def create_router(service: LMWorkerService) -> APIRouter:
         body = await read_body(request, service.settings.max_body_bytes)
         message, sequence = await service.prepare_async(body)
         if message.stream:
-            stream = await _cancel_on_disconnect(request, service.open_stream(sequence))
+            stream = await cancel_on_disconnect(request, service.open_stream(sequence))
             if stream is None:
                 return _client_gone(service)
             return StreamingResponse(_sse_body(stream, service), media_type=SSE_MEDIA_TYPE,
                                      headers=SSE_HEADERS, background=BackgroundTask(_cancel, stream))
-        response = await _cancel_on_disconnect(request, service.generate(sequence))
+        response = await cancel_on_disconnect(request, service.generate(sequence))
         return _client_gone(service) if response is None else msgpack_response(response)
 
     @router.get("/health", response_model=HealthResponse)
@@ -84,31 +83,6 @@ def _require_msgpack(request: Request) -> None:
     if media_type not in MSGPACK_MEDIA_TYPES:
         raise UnsupportedMediaType("content-type", f"send the GenerateRequest as {proto.CONTENT_TYPE}",
                                    media_type or None)
-
-
-async def _cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """Await ``work`` unless the client disconnects first (then cancel it, return None).
-
-    Starlette does not cancel a handler when its client leaves; without this a
-    non-streamed request would keep its slot until it generated every token.
-    """
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_disconnected(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()  # the sequence's stream cancels itself (see GenerationStream.collect)
-    if task.done() and not task.cancelled():
-        return task.result()
-    await asyncio.gather(task, return_exceptions=True)  # let it unwind before we answer
-    return None
-
-
-async def _disconnected(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass  # the body was read already; nothing else but the disconnect can come
 
 
 async def _cancel(stream: GenerationStream) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import zlib
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from fastapi import Request
 from fastapi.responses import Response, StreamingResponse
@@ -10,7 +13,9 @@ from fastapi.responses import Response, StreamingResponse
 import proto
 from proto import LimitExceeded
 
-__all__ = ["msgpack_response", "read_body"]
+__all__ = ["cancel_on_disconnect", "msgpack_response", "read_body"]
+
+T = TypeVar("T")
 
 
 async def read_body(request: Request, max_bytes: int, *, field: str = "body") -> bytes:
@@ -80,3 +85,27 @@ def _coalesce(chunks: list[bytes | memoryview], large: int = 1 << 16) -> list[by
     if pending:
         out.append(b"".join(pending))
     return out
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
+    """``work``'s result, or ``None`` (``work`` cancelled) if the client disconnected first.
+
+    Starlette does not cancel a handler when its client leaves: without this, a
+    non-streamed request would keep its encoder slot or KV-cache slot until done.
+    Call it after the body has been read (the watcher consumes ``receive``).
+    """
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_until_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)  # let it unwind before answering
+    return task.result() if not task.cancelled() else None
+
+
+async def _until_disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

@@ -8,9 +8,8 @@ instead of leaving them running. Streams stop through ``SSEResponse``'s close ho
 
 from __future__ import annotations
 
-import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import APIRouter, Depends, Request
@@ -20,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from proto import new_request_id
-from services.common.http import read_body
+from services.common.http import cancel_on_disconnect, read_body
 from services.common.metrics import metrics_response
 from services.gateway.errors import InvalidRequest, invalid_request
 from services.gateway.protocol import (
@@ -60,25 +59,6 @@ def _request_id(request: Request) -> str:
     """The caller's ``x-request-id`` when it is a sane token (for log correlation), else a new one."""
     given = request.headers.get("x-request-id", "")
     return given if _REQUEST_ID.match(given) else new_request_id()
-
-
-async def _until_disconnect(request: Request) -> None:
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
-
-
-async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T | None:
-    """``work``'s result, or ``None`` (work cancelled) if the client disconnected first."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_until_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-    return task.result() if not task.cancelled() else None
 
 
 def _parse(schema: type[M], body: bytes) -> M:
