@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -38,7 +37,6 @@ logger = logging.getLogger(__name__)
 MSGPACK_MEDIA_TYPES = frozenset({proto.CONTENT_TYPE, "application/msgpack", "application/vnd.msgpack"})
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
-T = TypeVar("T")
 
 
 def create_router(service: LMWorkerService) -> APIRouter:

@@ -38,7 +38,6 @@ if TYPE_CHECKING:
 
 __all__ = ["router"]
 
-T = TypeVar("T")
 M = TypeVar("M", bound=BaseModel)
 
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
