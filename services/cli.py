@@ -16,6 +16,7 @@ from collections.abc import Sequence
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("services.demo.run", "run the local demo on the bundled model"),
     "up": ("services.launcher", "start encoder, LM worker and gateway on loopback"),
+    "eval-demo": ("services.demo.evaluate", "score the bundled model's captions through the HTTP API"),
     "train-demo": ("services.demo.train", "train the bundled step37-tiny model on generated scenes"),
     "encoder": ("encoder_server.cli", "serve the vision tower (native msgpack + KServe v2)"),
     "lm-worker": ("lm_worker.cli", "serve the decoder fed by ImageForInsert messages"),

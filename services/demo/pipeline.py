@@ -30,16 +30,20 @@ class InProcessCaptioner:
     """Greedy captions for a batch of images, all in one process."""
 
     def __init__(self, vision: Step37VisionModel, decoder: Step37Decoder, fusion: ImageInsertEmbedding,
-                 tokenizer: Step37Tokenizer, *, max_batch_size: int = 64) -> None:
+                 tokenizer: Step37Tokenizer, *, max_batch_size: int = 64,
+                 wire_dtype: torch.dtype | None = torch.bfloat16) -> None:
         self.vision = vision
+        # The services ship features as bf16 by default; rounding to the same dtype at the
+        # same point makes this the exact reference for the decoupled path (None: skip).
+        self.wire_dtype = wire_dtype
         self.decoder = decoder
         self.fusion = fusion
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, *, device: str | None = None,
-                        max_batch_size: int = 64) -> InProcessCaptioner:
+    def from_pretrained(cls, directory: str | Path, *, device: str | None = None, max_batch_size: int = 64,
+                        wire_dtype: torch.dtype | None = torch.bfloat16) -> InProcessCaptioner:
         vision = load_vision_model(directory, device=device)
         decoder, projector_state, config = load_lm(directory, device=device)
         tokenizer = Step37Tokenizer.from_file(Path(directory) / "tokenizer.json")
@@ -47,7 +51,7 @@ class InProcessCaptioner:
                                       config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
         fusion.align_projector.load_state_dict(projector_state)
         fusion.to(device=decoder.embed_tokens.weight.device, dtype=decoder.embed_tokens.weight.dtype)
-        return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size)
+        return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size, wire_dtype=wire_dtype)
 
     @property
     def image_size(self) -> int:
@@ -58,7 +62,10 @@ class InProcessCaptioner:
         """Images → vision features ``[N, L, C]``."""
         weight = next(self.vision.parameters())
         pixels = preprocess_batch(images, self.image_size).to(device=weight.device, dtype=weight.dtype)
-        return self.vision(pixels)  # [N, L, C]
+        features = self.vision(pixels)  # [N, L, C]
+        if self.wire_dtype is not None:
+            features = features.to(self.wire_dtype).to(features.dtype)
+        return features
 
     @torch.inference_mode()
     def caption_features(self, features: torch.Tensor, *, prompt: str = DEFAULT_PROMPT,

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
-import pytest
 
 from services.demo.captions import score_captions
 from services.demo.scenes import generate_scene
@@ -99,8 +98,8 @@ def test_repeated_image_is_served_from_the_cache(stack):
     assert metric_value(gateway_metrics, "step37_gateway_cache_hits_total") >= 1
 
 
-@pytest.mark.order("last")
 def test_killing_an_encoder_replica_loses_no_request(stack):
+    """Last in the file on purpose: it leaves the session's stack with one encoder."""
     scenes = [png_bytes(generate_scene(HELD_OUT_SEED + 300 + i)) for i in range(24)]
     with httpx.Client(timeout=120) as client, ThreadPoolExecutor(4) as pool:
         futures = [pool.submit(caption_via_api, client, stack.url, data) for data in scenes]
