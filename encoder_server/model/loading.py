@@ -171,6 +171,7 @@ def _atomic_write(target: Path, write: Any) -> None:
     os.close(handle)
     try:
         write(Path(temporary))
+        os.chmod(temporary, 0o644)  # mkstemp creates 0600; a checkpoint is meant to be shared
         os.replace(temporary, target)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
