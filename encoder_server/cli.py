@@ -43,7 +43,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(server, "--host", default="127.0.0.1", help="interface to bind")
     add_setting(server, "--port", default=8001, type=int, help="TCP port")
     add_setting(server, "--log-level", default="info", help="debug, info, warning, error")
-    add_setting(server, "--internal-token", default=None, help="require this shared secret in the "
+    add_setting(server, "--internal-token", default=None, secret=True, help="require this shared secret in the "
                 "x-internal-token header (health, readiness and metrics stay open)")
     batching = parser.add_argument_group("batching and limits")
     add_setting(batching, "--max-batch-size", default=8, type=int, help="images per forward")

@@ -24,7 +24,7 @@ from encoder_server.kserve_protocol import infer_response, parse_infer_request
 from encoder_server.router import get_service
 from encoder_server.serving import EncoderService
 from services.common.errors import error_body, status_of
-from services.common.http import read_body
+from services.common.http import CLIENT_CLOSED_REQUEST, cancel_on_disconnect, read_body
 
 __all__ = ["router"]
 
@@ -158,7 +158,10 @@ async def infer(request: Request, facts: Model, service: Service) -> Response:
     body = await read_body(request, service.settings.max_body_bytes)
     parsed = parse_infer_request(body, request.headers.get("inference-header-content-length"),
                                  model=facts.name, max_batch_size=facts.max_batch_size)
-    response = await service.encode(parsed.to_encode_request(), timeout_s=parsed.timeout_s)
+    response = await cancel_on_disconnect(request, service.encode(parsed.to_encode_request(),
+                                                                  timeout_s=parsed.timeout_s))
+    if response is None:  # the caller left: its queued or running work was abandoned
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     chunks, header_length = infer_response(parsed, response, model=facts.name, version=facts.version)
     return _tensor_response(chunks, header_length)
 

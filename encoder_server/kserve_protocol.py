@@ -252,7 +252,7 @@ def _requested_outputs(outputs: Any, parameters: dict[str, Any], model: str) -> 
         if name not in OUTPUTS:
             raise InvalidRequest(f"unexpected inference output {name!r} for model '{model}'; "
                                  f"expected one of {', '.join(OUTPUTS)}", field="outputs")
-        options = _object(spec.get("parameters", {}), f"outputs.{name}.parameters")
+        options = _object(spec.get("parameters", {}) if isinstance(spec, dict) else {}, f"outputs.{name}.parameters")
         requested[name] = bool(options.get("binary_data", default_binary))
     return requested
 

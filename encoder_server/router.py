@@ -15,7 +15,12 @@ from fastapi.responses import Response
 import proto
 from encoder_server.protocol import parse_encode_body
 from encoder_server.serving import EncoderService
-from services.common.http import msgpack_response, read_body
+from services.common.http import (
+    CLIENT_CLOSED_REQUEST,
+    cancel_on_disconnect,
+    msgpack_response,
+    read_body,
+)
 from services.common.metrics import metrics_response
 
 __all__ = ["get_service", "router"]
@@ -45,7 +50,9 @@ async def encode(
     body = await read_body(request, service.settings.max_body_bytes)
     encode_request = await parse_encode_body(request.headers, body, dtype=dtype,
                                              limits=service.wire_limits)
-    response = await service.encode(encode_request)
+    response = await cancel_on_disconnect(request, service.encode(encode_request))
+    if response is None:  # the caller left: its queued or running work was abandoned
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return msgpack_response(response, headers={"x-request-id": response.request_id})
 
 

@@ -57,7 +57,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help="context length per sequence (0: the model's)")
     add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
                 help="largest accepted request body")
-    add_setting(parser, "--internal-token", default=None, type=_optional,
+    add_setting(parser, "--internal-token", default=None, secret=True, type=_optional,
                 help="require this shared secret in x-internal-token on /v1/* (prefer the env "
                      "variable: flags show up in ps)")
     add_setting(parser, "--log-level", default="info",

@@ -27,7 +27,12 @@ from lm_worker.protocol import (
 from lm_worker.sequence import GenerationStream
 from lm_worker.serving import LMWorkerService
 from services.common.errors import error_body, status_of
-from services.common.http import cancel_on_disconnect, msgpack_response, read_body
+from services.common.http import (
+    CLIENT_CLOSED_REQUEST,
+    cancel_on_disconnect,
+    msgpack_response,
+    read_body,
+)
 from services.common.metrics import metrics_response
 
 __all__ = ["create_router"]
@@ -35,7 +40,6 @@ __all__ = ["create_router"]
 logger = logging.getLogger(__name__)
 
 MSGPACK_MEDIA_TYPES = frozenset({proto.CONTENT_TYPE, "application/msgpack", "application/vnd.msgpack"})
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 
 

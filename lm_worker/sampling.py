@@ -63,11 +63,16 @@ class SamplingState:
 
     @staticmethod
     def is_greedy(params: SamplingParams) -> bool:
-        return params.temperature == 0.0 or params.top_k == 1
+        # Below MIN_TEMPERATURE, logits / t overflows float32 to ±inf and softmax gives
+        # NaN; such a temperature means "greedy" anyway.
+        return params.temperature < MIN_TEMPERATURE or params.top_k == 1
 
     @property
     def greedy(self) -> bool:
         return self.generator is None
+
+
+MIN_TEMPERATURE = 1e-4
 
 
 def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[int]:
@@ -106,7 +111,7 @@ def sample(logits: torch.Tensor, states: Sequence[SamplingState]) -> list[int]:
     threshold = uniform * cumulative[:, -1]  # [m]
     picked = torch.searchsorted(cumulative, threshold[:, None], right=True)  # [m, 1]
     # u * total can round up to total; never step past the last kept token.
-    last_kept = (probs > 0).sum(dim=-1, keepdim=True) - 1  # [m, 1]
+    last_kept = ((probs > 0).sum(dim=-1, keepdim=True) - 1).clamp(min=0)  # [m, 1]
     picked = torch.minimum(picked, last_kept)
     tokens[row_index] = sorted_ids.gather(1, picked).squeeze(1)
     return tokens.tolist()

@@ -174,7 +174,7 @@ def decode(data: bytes | bytearray | memoryview, *, expect: type[M] | None = Non
     if "v" not in obj:
         raise UnsupportedVersion("v", f"missing version field (this build speaks {sorted(SUPPORTED_VERSIONS)})")
     version = obj["v"]
-    if isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
+    if not isinstance(version, int) or isinstance(version, bool) or version not in SUPPORTED_VERSIONS:
         raise UnsupportedVersion("v", f"version not supported (this build speaks {sorted(SUPPORTED_VERSIONS)})", version)
     name = obj.get("type")
     cls = MESSAGE_TYPES.get(name) if isinstance(name, str) else None

@@ -18,6 +18,7 @@ import torch
 
 from proto.errors import BadTensor, InvalidValue, LimitExceeded, WrongType
 from proto.fields import FieldReader
+from proto.limits import DEFAULT_LIMITS
 from proto.tensor import DecodeBudget, tensor_from_wire, tensor_to_wire
 
 __all__ = ["ImageForInsert", "feature_blocks"]
@@ -128,6 +129,8 @@ class ImageForInsert:
         n = self.num_images
         if n and cu.numel() != n + 1:
             raise BadTensor(field, f"expected {n + 1} entries for {n} images, got {cu.numel()}")
+        if cu.numel() > DEFAULT_LIMITS.max_images + 1:
+            raise LimitExceeded(field, "entries", cu.numel(), DEFAULT_LIMITS.max_images + 1)
         values = cu.tolist()
         if values[0] != 0:
             raise InvalidValue(field, "must start at 0", values[0])

@@ -40,9 +40,12 @@ def new_request_id() -> str:
 
 
 def _request_id(reader: FieldReader) -> str:
+    """The peer's id (echoed in headers and logs, so printable ASCII only) or a new one."""
     value = reader.str("request_id", "") or new_request_id()
     if len(value) > MAX_REQUEST_ID_LEN:
         raise LimitExceeded(reader.name("request_id"), "length", len(value), MAX_REQUEST_ID_LEN)
+    if not (value.isascii() and value.isprintable()) or " " in value:
+        raise InvalidValue(reader.name("request_id"), "must be printable ASCII without spaces", value)
     return value
 
 

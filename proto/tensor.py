@@ -109,6 +109,10 @@ def _check_shape(field: str, shape: Any, limits: WireLimits) -> list[int]:
             raise WrongType(f"{field}.shape", "a list of non-negative ints", dim)
         if dim < 0:
             raise BadTensor(f"{field}.shape", "negative dimension", shape)
+        if dim > limits.max_tensor_elements:
+            # Checked per dimension too: a zero-size tensor may still declare dims whose
+            # strides overflow when allocated.
+            raise LimitExceeded(f"{field}.shape", "dimension", dim, limits.max_tensor_elements)
     return shape
 
 

@@ -89,10 +89,10 @@ class Stack:
             gateway_args = [arg for e in self.encoders for arg in ("--encoder-url", e.url)]
             gateway_args += [arg for w in self.lm_workers for arg in ("--lm-url", w.url)]
             gateway_args += ["--encoder-model", Path(self.config.model).name]
-            if self.config.api_key:
-                gateway_args += ["--api-key", self.config.api_key]
             self.gateway = self._service("gateway", ["gateway", *gateway_args, *self.config.gateway_args],
                                          port=self.config.gateway_port)
+            if self.config.api_key:  # through the environment: argv is visible to every user in ps
+                self.gateway.env["STEP37_API_KEY"] = self.config.api_key
             self.gateway.start().wait_ready(self.config.ready_timeout_s)
         except BaseException:
             self.stop()
@@ -121,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--encoder-replicas", default=1, type=int, help="encoder processes")
     add_setting(parser, "--lm-replicas", default=1, type=int, help="LM worker processes")
     add_setting(parser, "--device", default="auto", help="cpu, cuda, cuda:N or auto")
-    add_setting(parser, "--api-key", default=None, help="require this bearer token at the gateway")
+    add_setting(parser, "--api-key", default=None, secret=True, help="require this bearer token at the gateway")
     add_setting(parser, "--log-dir", default=None, help="where the children's logs go (default: a temp dir)")
 
 

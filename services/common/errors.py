@@ -77,7 +77,9 @@ def install_error_handlers(app: FastAPI, on_error: Any = None, known: tuple[type
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
         body = error_body(exc)
         count(body.get("type", "internal_error"))
-        return JSONResponse({"error": body}, status_code=status)
+        retry_after = getattr(exc, "retry_after_s", None)
+        headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after and status in (429, 503) else None
+        return JSONResponse({"error": body}, status_code=status, headers=headers)
 
     for cls in (ProtocolError, *known):
         app.add_exception_handler(cls, _any)

@@ -13,7 +13,9 @@ from fastapi.responses import Response, StreamingResponse
 import proto
 from proto import LimitExceeded
 
-__all__ = ["cancel_on_disconnect", "msgpack_response", "read_body"]
+__all__ = ["CLIENT_CLOSED_REQUEST", "cancel_on_disconnect", "msgpack_response", "read_body"]
+
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away"; nobody reads it
 
 T = TypeVar("T")
 
@@ -53,6 +55,8 @@ def _inflate(body: bytes, encoding: str, max_bytes: int, field: str) -> bytes:
         raise proto.InvalidValue("content-encoding", f"body is not valid {encoding}: {exc}") from exc
     if len(out) > max_bytes or inflater.unconsumed_tail:
         raise LimitExceeded(field, "inflated size in bytes", len(out), max_bytes)
+    if not inflater.eof:
+        raise proto.InvalidValue("content-encoding", f"body is truncated {encoding} data")
     return out
 
 

@@ -38,9 +38,14 @@ def add_setting(
     type: Callable[[str], Any] = str,
     help: str,
     environ: Mapping[str, str] | None = None,
+    secret: bool = False,
     **kwargs: Any,
 ) -> None:
-    """Add ``flag`` whose default may come from its environment variable."""
+    """Add ``flag`` whose default may come from its environment variable.
+
+    ``secret`` keeps the value out of ``--help`` (which would print an API key read
+    from the environment).
+    """
     environ = os.environ if environ is None else environ
     name = env_name(flag)
     if name in environ:
@@ -48,4 +53,5 @@ def add_setting(
             default = type(environ[name])
         except ValueError as exc:
             raise SystemExit(f"environment variable {name}={environ[name]!r} is invalid: {exc}") from exc
-    parser.add_argument(flag, default=default, type=type, help=f"{help} (env {name}; default: %(default)s)", **kwargs)
+    shown = "set" if secret and default else ("unset" if secret else "%(default)s")
+    parser.add_argument(flag, default=default, type=type, help=f"{help} (env {name}; default: {shown})", **kwargs)

@@ -19,7 +19,7 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
 from proto import new_request_id
-from services.common.http import cancel_on_disconnect, read_body
+from services.common.http import CLIENT_CLOSED_REQUEST, cancel_on_disconnect, read_body
 from services.common.metrics import metrics_response
 from services.gateway.errors import InvalidRequest, invalid_request
 from services.gateway.protocol import (
@@ -40,7 +40,6 @@ __all__ = ["router"]
 
 M = TypeVar("M", bound=BaseModel)
 
-CLIENT_CLOSED_REQUEST = 499  # nginx's status for "the client went away first"
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 _MAX_FORM_FIELDS = 16
 _MAX_FORM_FIELD_BYTES = 64 * 1024

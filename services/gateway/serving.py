@@ -122,7 +122,7 @@ class Pipeline:
     async def load_images(self, sources: Sequence[ImageSource], timer: StageTimer) -> list[ValidatedImage]:
         """Bytes for every source, header-checked, in order. URLs are fetched concurrently.
         (Callers check the image count first, naming their own request field.)"""
-        remote = [source for source in sources if source.url is not None and not source.url.startswith("data:")]
+        remote = [source for source in sources if source.url is not None and not source.url[:5].lower() == "data:"]
         for source in remote:
             self.fetcher.check_url(source.url or "", param=source.param)  # refuse before any download
         fetched: dict[str, bytes] = {}
@@ -149,7 +149,7 @@ class Pipeline:
             data = fetched[source.param]
         elif source.url is not None:
             data = parse_data_url(source.url, param=source.param, max_bytes=limit)
-        elif source.base64 is not None and source.base64.startswith("data:"):
+        elif source.base64 is not None and source.base64[:5].lower() == "data:":
             data = parse_data_url(source.base64, param=source.param, max_bytes=limit)
         else:
             data = decode_base64_image(source.base64 or "", param=source.param, max_bytes=limit)

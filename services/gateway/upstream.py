@@ -19,7 +19,6 @@ import httpx
 from services.gateway.errors import (
     GatewayError,
     InvalidRequest,
-    LimitExceeded,
     PayloadTooLarge,
     ServiceUnavailable,
     UpstreamError,
@@ -67,8 +66,7 @@ def _message(body: bytes) -> str:
 def error_from_status(service: str, status: int, body: bytes, *, idempotent: bool) -> GatewayError:
     message = _message(body)
     if status in (400, 422):
-        kind = InvalidRequest if status == 400 else LimitExceeded
-        return kind(f"the {service} refused the request: {message}")
+        return InvalidRequest(f"the {service} refused the request: {message}")
     if status == 413:
         return PayloadTooLarge(f"the {service} refused the request: {message}")
     if status in (429, 503):

@@ -179,3 +179,15 @@ def test_abort_releases_held_text(tok: Step37Tokenizer) -> None:
     assert final.finish_reason == FINISH_ABORT and final.text == "red"
     with pytest.raises(RuntimeError, match="already finished"):
         output.append(1)
+
+
+def test_vanishing_temperature_is_greedy_and_never_fails_the_batch():
+    """A temperature that underflows float32 (1e-46 → 0) once made softmax NaN and
+    failed every sequence decoded in the same step."""
+    from lm_worker.sampling import SamplingState, sample
+    from proto import SamplingParams
+
+    logits = torch.randn(3, 50, generator=torch.Generator().manual_seed(0))
+    states = [SamplingState.create(SamplingParams(temperature=t, seed=1)) for t in (1e-46, 0.7, 0.0)]
+    tokens = sample(logits, states)
+    assert tokens[0] == int(logits[0].argmax()) and tokens[2] == int(logits[2].argmax())

@@ -1,0 +1,61 @@
+"""Shared HTTP plumbing: bounded, well-formed compressed bodies; Retry-After on 503."""
+
+from __future__ import annotations
+
+import gzip
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+
+import proto
+from services.common.errors import install_error_handlers
+from services.common.http import read_body
+
+
+class Busy(Exception):
+    http_status = 503
+    kind = "overloaded"
+    retry_after_s = 2.4
+
+    def to_dict(self) -> dict:
+        return {"type": self.kind, "message": "queue full"}
+
+
+def make_client() -> httpx.AsyncClient:
+    app = FastAPI()
+    install_error_handlers(app, known=(Busy,))
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict:
+        return {"size": len(await read_body(request, 1000))}
+
+    @app.get("/busy")
+    async def busy() -> dict:
+        raise Busy()
+
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test")
+
+
+@pytest.mark.parametrize(("body", "status", "text"), [
+    (gzip.compress(b"x" * 500), 200, None),
+    (gzip.compress(b"x" * 500)[:-12], 400, "truncated gzip"),
+    (gzip.compress(b"x" * 5000), 413, "inflated size"),
+    (b"not gzip at all", 400, "not valid gzip"),
+])
+async def test_gzip_bodies(body, status, text):
+    async with make_client() as client:
+        response = await client.post("/echo", content=body, headers={"content-encoding": "gzip"})
+    assert response.status_code == status
+    if text:
+        assert text in response.json()["error"]["message"]
+
+
+async def test_overloaded_answers_carry_retry_after():
+    async with make_client() as client:
+        response = await client.get("/busy")
+    assert response.status_code == 503 and response.headers["retry-after"] == "2"
+
+
+def test_protocol_errors_are_known_without_registration():
+    assert issubclass(proto.LimitExceeded, proto.ProtocolError)
