@@ -94,7 +94,33 @@ def e2e(result: dict) -> list[str]:
             f"Gateway stages at the lowest concurrency (mean ms): {stages}. Wire + serialisation "
             f"(transfer + encoder serialisation): {result['wire_overhead_ms_at_lowest_concurrency']:.1f} ms, "
             f"{100 * result['wire_overhead_fraction_at_lowest_concurrency']:.1f} % of request latency.",
+            "", *e2e_targets(result),
             "", "![throughput and p99 versus concurrency](bench/results/e2e-cpu.png)", ""]
+
+
+def e2e_targets(result: dict) -> list[str]:
+    levels = list(result["table"])
+    wire = result["wire_overhead_fraction_at_lowest_concurrency"]
+    ratio = result["table"][levels[-1]]["decoupled_over_monolithic"]["throughput"]
+    cut = result["table"][levels[0]]["reuse50_mean_latency_cut"]
+
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**not met**"
+
+    return [
+        "| target (CPU, tiny model, 2 cores) | measured | |", "| --- | ---: | --- |",
+        f"| wire + serialisation ≤ 5 % of latency at c={levels[0]} | {100 * wire:.1f} % | {verdict(wire <= 0.05)} |",
+        f"| decoupled throughput ≥ 0.9 × monolithic at c={levels[-1]} | {ratio:.2f}× | {verdict(ratio >= 0.9)} |",
+        f"| 50 % image reuse cuts mean latency ≥ 30 % (c={levels[0]}) | {100 * cut:.0f} % | {verdict(cut >= 0.3)} |",
+        "",
+        "Why, on this machine: the three services, the load generator and the monolithic baseline share two "
+        "cores, and the decoupled side runs three Python processes (one torch thread per model service) "
+        "where the baseline runs one process with both cores on one batched forward; HTTP parsing, image "
+        "validation, hashing and msgpack are CPU time taken from the models. Generation (48 greedy "
+        "tokens) dominates a request, so skipping the encoder on a cache hit saves its ~25 ms share only. "
+        "The decoupled design pays off when tiers scale on their own GPUs; these figures are the CPU floor, "
+        "and closing the gap here is open work (issue 7).",
+    ]
 
 
 def main() -> None:
