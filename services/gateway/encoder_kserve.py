@@ -47,6 +47,7 @@ class KServeEncoderTransport:
         self._triton = triton_aio
         self.model = model
         self.insert_start_token = insert_start_token
+        self._facts: tuple[int, int | None] | None = None
         self.max_response_bytes = max_response_bytes
         self.ready_path = f"/v2/models/{quote(model)}/ready"
 
@@ -58,24 +59,34 @@ class KServeEncoderTransport:
         return self._triton.InferenceServerClient.generate_request_body(
             [image_input], outputs=outputs, request_id=request_id)
 
-    async def _start_token(self, client: httpx.AsyncClient, base_url: str, timeout: httpx.Timeout) -> int:
-        """The configured token, else the model config's (fetched once: every endpoint
-        serves the same model)."""
-        if self.insert_start_token is not None:
-            return self.insert_start_token
+    async def _model_facts(self, client: httpx.AsyncClient, base_url: str,
+                           timeout: httpx.Timeout) -> tuple[int, int | None]:
+        """(insert start token, max_batch_size) from the model config, read once: every
+        endpoint serves the same model. A configured token makes the config optional."""
+        if self._facts is not None:
+            return self._facts
+        config: dict[str, Any] | None = None
         try:
             response = await client.get(f"{base_url}/v2/models/{quote(self.model)}/config", timeout=timeout)
+            if response.status_code == 200:
+                config = response.json()
+            elif self.insert_start_token is None:
+                raise error_from_status(SERVICE, response.status_code, response.content[:65536], idempotent=True)
         except httpx.HTTPError as exc:
-            raise error_from_exception(SERVICE, exc, idempotent=True) from exc
-        if response.status_code != 200:
-            raise error_from_status(SERVICE, response.status_code, response.content[:65536], idempotent=True)
-        try:
-            token = int(response.json()["parameters"]["insert_start_token"]["string_value"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise UpstreamError(f"the config of model {self.model!r} has no parameters.insert_start_token; "
-                                f"set --kserve-insert-start-token") from exc
-        self.insert_start_token = token
-        return token
+            if self.insert_start_token is None:
+                raise error_from_exception(SERVICE, exc, idempotent=True) from exc
+        except ValueError:
+            config = None  # not JSON: treated like a missing config
+        token = self.insert_start_token
+        if token is None:
+            try:
+                token = int(config["parameters"]["insert_start_token"]["string_value"])  # type: ignore[index]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise UpstreamError(f"the config of model {self.model!r} has no parameters.insert_start_token; "
+                                    f"set --kserve-insert-start-token") from exc
+        max_batch = config.get("max_batch_size") if isinstance(config, dict) else None
+        self._facts = (token, max_batch if isinstance(max_batch, int) and max_batch > 0 else None)
+        return self._facts
 
     def _parse(self, data: bytes, header_length: str | None, count: int, insert_start_token: int) -> EncodeResult:
         try:
@@ -102,7 +113,16 @@ class KServeEncoderTransport:
 
     async def encode(self, client: httpx.AsyncClient, base_url: str, images: Sequence[bytes], *,
                      request_id: str, timeout: httpx.Timeout) -> EncodeResult:
-        insert_start_token = await self._start_token(client, base_url, timeout)
+        insert_start_token, max_batch = await self._model_facts(client, base_url, timeout)
+        if max_batch is None or len(images) <= max_batch:
+            return await self._infer(client, base_url, images, insert_start_token, request_id, timeout)
+        # Triton (and our KServe route) refuse a request larger than max_batch_size.
+        parts = [await self._infer(client, base_url, images[i : i + max_batch], insert_start_token,
+                                   request_id, timeout) for i in range(0, len(images), max_batch)]
+        return _concatenate(parts, insert_start_token, self.model)
+
+    async def _infer(self, client: httpx.AsyncClient, base_url: str, images: Sequence[bytes],
+                     insert_start_token: int, request_id: str, timeout: httpx.Timeout) -> EncodeResult:
         body, json_size = self._request_body(images, request_id)
         headers = {"content-type": "application/octet-stream", "x-request-id": request_id}
         if json_size is not None:
@@ -122,3 +142,16 @@ class KServeEncoderTransport:
             raise error_from_exception(SERVICE, exc, idempotent=True) from exc
         # httpx has already undone any content-encoding, so none is passed on.
         return self._parse(data, response.headers.get(_HEADER_LENGTH), len(images), insert_start_token)
+
+
+def _concatenate(parts: Sequence[EncodeResult], insert_start_token: int, model: str) -> EncodeResult:
+    """One ImageForInsert from consecutive chunks, in order: features stacked,
+    rope_cu_seqlens offsets carried over."""
+    features = torch.cat([part.image.image_features for part in parts])  # [N, L, C]
+    rope: dict[str, Any] = {}
+    if all(part.image.rope_cu_seqlens is not None for part in parts):
+        counts = torch.cat([part.image.rope_cu_seqlens.diff() for part in parts])  # [N]
+        cu = torch.cat([torch.zeros(1, dtype=torch.int32), counts.cumsum(0).to(torch.int32)])  # [N+1]
+        rope = {"rope_cu_seqlens": cu, "rope_max_seq_len": int(counts.max()) if counts.numel() else 0}
+    return EncodeResult(image=ImageForInsert(insert_start_token, image_features=features, **rope), model=model,
+                        timings={})

@@ -154,8 +154,8 @@ def test_api_key_comparison():
 class FakeTriton:
     """A KServe v2 ``infer`` endpoint with the binary tensor extension, written from the spec."""
 
-    def __init__(self, tokens: int = 3, dim: int = 8) -> None:
-        self.tokens, self.dim = tokens, dim
+    def __init__(self, tokens: int = 3, dim: int = 8, max_batch_size: int = 8) -> None:
+        self.tokens, self.dim, self.max_batch_size = tokens, dim, max_batch_size
         self.requests: list[dict] = []
         self.config_reads = 0
 
@@ -164,8 +164,8 @@ class FakeTriton:
             return httpx.Response(200)
         if request.url.path == "/v2/models/step37-tiny/config":
             self.config_reads += 1
-            return httpx.Response(200, json={"name": "step37-tiny", "parameters": {
-                "insert_start_token": {"string_value": str(IM_START)}}})
+            return httpx.Response(200, json={"name": "step37-tiny", "max_batch_size": self.max_batch_size,
+                                             "parameters": {"insert_start_token": {"string_value": str(IM_START)}}})
         assert request.url.path == "/v2/models/step37-tiny/infer", request.url.path
         header_length = int(request.headers["inference-header-content-length"])
         header = json.loads(request.content[:header_length])
@@ -179,6 +179,8 @@ class FakeTriton:
             images.append(binary[offset + 4 : offset + 4 + size])
             offset += 4 + size
         assert len(images) == image_input["shape"][0]
+        if len(images) > self.max_batch_size:  # as Triton does
+            return httpx.Response(400, json={"error": f"batch size {len(images)} exceeds {self.max_batch_size}"})
         features = np.stack([np.full((self.tokens, self.dim), len(image), np.float16) for image in images])
         cu = np.arange(0, (len(images) + 1) * 9, 9, dtype=np.int32)
         outputs = [{"name": "IMAGE_FEATURES", "datatype": "FP16", "shape": list(features.shape),
@@ -213,6 +215,27 @@ def test_kserve_encoder_transport_end_to_end():
         assert item.image_features[:, 0, 0].tolist() == [len(first), len(second)]  # order kept
         assert item.rope_cu_seqlens.tolist() == [0, 9, 18] and item.rope_max_seq_len == 9
         assert len(triton.requests) == 2
+
+    run(scenario())
+
+
+def test_kserve_requests_are_split_by_the_model_max_batch_size():
+    async def scenario():
+        triton = FakeTriton(max_batch_size=2)
+        lm = FakeLM()
+        transports = services.gateway.Transports(encoder=httpx.MockTransport(triton.handler),
+                                                 lm=httpx.MockTransport(lm.handler))
+        settings = GatewaySettings(encoder_urls=("http://triton",), lm_urls=("http://lm-a",),
+                                   encoder_protocol="kserve")
+        app = services.gateway.create_app(settings, transports)
+        images = [png(8 + i, 8 + i) for i in range(5)]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://gateway") as client:
+            response = await client.post("/v1/chat/completions", json=chat_body(*images))
+            assert response.status_code == 200, response.text
+        assert [r["inputs"][0]["shape"][0] for r in triton.requests] == [2, 2, 1]
+        (item,) = lm.requests[0].images
+        assert item.image_features[:, 0, 0].tolist() == [len(image) for image in images]  # order kept
+        assert item.rope_cu_seqlens.tolist() == [0, 9, 18, 27, 36, 45] and item.rope_max_seq_len == 9
 
     run(scenario())
 
