@@ -117,7 +117,7 @@ def load_model(settings: LMWorkerSettings) -> LoadedModel:
             projector_state = ImageInsertEmbedding(
                 decoder.embed_tokens, config.encoder_output_dim, config.hidden_size, config.projector_bias
             ).align_projector.state_dict()
-        decoder = decoder.to(device=device, dtype=dtype).eval()
+        decoder = decoder.to(device=device, dtype=dtype).train(False)
     if tokenizer.vocab_size > config.vocab_size:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the decoder only {config.vocab_size}")
@@ -126,7 +126,7 @@ def load_model(settings: LMWorkerSettings) -> LoadedModel:
                                   config.hidden_size, config.projector_bias,
                                   placeholder_token_id=tokenizer.ids.im_patch, strict=True)
     fusion.align_projector.load_state_dict(projector_state)
-    fusion = fusion.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    fusion = fusion.to(device=device, dtype=dtype).train(False).requires_grad_(False)
     return LoadedModel(decoder, fusion, tokenizer, config)
 
 

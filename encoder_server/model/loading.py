@@ -131,7 +131,7 @@ def init_random(
     if missed:
         raise RuntimeError(f"init_random has no rule for parameters: {missed}")
     model.to(device=target, dtype=resolve_dtype(dtype, target))
-    return model.eval().requires_grad_(False)
+    return model.train(False).requires_grad_(False)
 
 
 def save_pretrained(
@@ -257,7 +257,7 @@ def load_vision_model(
     model.load_state_dict(state, strict=True, assign=True)
     if model.rope is not None:
         model.rope.to_empty(device=target)  # rebuilds the float32 tables on `target`
-    return model.eval().requires_grad_(False)
+    return model.train(False).requires_grad_(False)
 
 
 def _check_keys(

@@ -67,7 +67,7 @@ class LocalDecoderBackend:
     """
 
     def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int) -> None:
-        self.decoder = decoder.eval()
+        self.decoder = decoder.train(False)
         self.cache: KVCache = decoder.new_kv_cache(
             max_batch_size=max_batch_size, max_seq_len=max_seq_len
         )

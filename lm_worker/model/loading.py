@@ -214,4 +214,4 @@ def load_lm(
         for k, v in tensors.items()
         if k.startswith(PROJECTOR_PREFIX)
     }
-    return decoder.eval(), projector_state, config
+    return decoder.train(False), projector_state, config

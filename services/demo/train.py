@@ -173,8 +173,8 @@ def run(args: argparse.Namespace) -> int:
             log.append({"step": step, "loss": round(loss.item(), 5), "lr": learning_rate(step, args),
                         "elapsed_s": round(time.perf_counter() - started, 1)})
 
-    vision.eval()
-    decoder.eval()
+    vision.train(False)
+    decoder.train(False)
     train_seconds = time.perf_counter() - started
     captioner = InProcessCaptioner(vision, decoder, fusion, tokenizer)
     scores = evaluate(captioner, args.eval_scenes, args.eval_seed, vision_config.image_size)

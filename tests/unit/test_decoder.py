@@ -31,7 +31,7 @@ def make_decoder(seed: int = 0, **overrides) -> Step37Decoder:
         for name, param in decoder.named_parameters():
             if name.endswith("layernorm.weight") or name == "norm.weight":
                 param.uniform_(0.5, 1.5)
-    return decoder.eval()
+    return decoder.train(False)
 
 
 def full_logits(decoder: Step37Decoder, token_ids: list[int]) -> torch.Tensor:

@@ -46,13 +46,13 @@ def model(tmp_path_factory: pytest.TempPathFactory) -> Model:
     tokenizer = build_word_tokenizer(WORDS, Path(tmp_path_factory.mktemp("tok")) / "tokenizer.json")
     config = DecoderConfig.preset("step37-tiny", vocab_size=tokenizer.vocab_size, max_position_embeddings=128)
     torch.manual_seed(0)
-    decoder = Step37Decoder(config).eval().requires_grad_(False)
+    decoder = Step37Decoder(config).train(False).requires_grad_(False)
     with torch.no_grad():  # larger weights: varied outputs instead of one repeated token
         for name, param in decoder.named_parameters():
             if param.dim() == 2 and name != "embed_tokens.weight":
                 param.mul_(4.0)
     fusion = ImageInsertEmbedding(decoder.embed_tokens, config.encoder_output_dim, config.hidden_size,
-                                  placeholder_token_id=tokenizer.ids.im_patch).eval().requires_grad_(False)
+                                  placeholder_token_id=tokenizer.ids.im_patch).train(False).requires_grad_(False)
     return Model(tokenizer, decoder, fusion)
 
 
