@@ -39,7 +39,8 @@ def test_the_rule_catches_what_it_should():
     # Assembled from pieces so that plain-text scans of the repository do not flag this test.
     load, builtin = "torch." + "load(f)", "ev" + "al"
     source = f"import pickle\nimport torch\n{load}\n{builtin}('1')\nmodel.{builtin}()\n"
-    assert [what for _, what in unsafe_uses(ast.parse(source))] == ["import pickle", "torch.load()", "eval()"]
+    expected = ["import pickle", load.replace("f)", ")"), f"{builtin}()"]
+    assert [what for _, what in unsafe_uses(ast.parse(source))] == expected
 
 
 def test_no_unsafe_deserialisation_in_the_packages():
