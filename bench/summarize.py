@@ -126,6 +126,35 @@ def e2e_targets(result: dict) -> list[str]:
     ]
 
 
+def loadtests() -> list[str]:
+    """Reports of `step37-serve loadtest` kept under bench/results/loadtest-*/."""
+    lines: list[str] = ["## Load tests against two OpenAI-compatible targets", "",
+                        "`loadtest-native`: the system started by `step37-serve up --port 18000`; "
+                        "`loadtest-kserve`: a second gateway on port 18001 over the same encoder and LM worker "
+                        "with `--encoder-protocol kserve`. Same workload, same seed.", ""]
+    for path in sorted(RESULTS.glob("loadtest-*/report.json")):
+        report = json.loads(path.read_text())
+        settings, workload = report["settings"], report["workload"]
+        lines += [f"## Load test: {path.parent.name} ({report['target']['url']}, {report['target']['endpoint']})", "",
+                  f"_{report['created_at']}, {report['environment'].get('cpu_count')} cores_; "
+                  f"{settings['requests']} requests per point, reuse {workload['reuse']}, "
+                  f"stream {workload['stream']}, max_tokens {workload['max_tokens']}: "
+                  f"`step37-serve loadtest --url {report['target']['url'].rsplit('/v1/', 1)[0]} "
+                  f"--endpoint {report['target']['endpoint']} --concurrency "
+                  f"{','.join(str(p['load']['concurrency']) for p in report['points'])} --requests {settings['requests']} "
+                  f"--reuse {workload['reuse']}{' --stream' if workload['stream'] else ''} "
+                  f"--max-tokens {workload['max_tokens']} --seed {settings['seed']}`", "",
+                  "| load | ok / sent | req/s | p50 ms | p99 ms | TTFT p50 ms |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        for point in report["points"]:
+            summary = point["summary"]
+            ttft = summary.get("ttft_ms") or {}
+            lines.append(f"| {point['load']['label']} | {summary['requests']['ok']} / {summary['requests']['sent']} | "
+                         f"{summary['throughput']['requests_per_s']:.1f} | {summary['latency_ms']['p50']:.0f} | "
+                         f"{summary['latency_ms']['p99']:.0f} | {ttft.get('p50', float('nan')):.0f} |")
+        lines.append("")
+    return lines
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              "Every figure below is read from a JSON file in `bench/results/` by `python bench/summarize.py`; "
@@ -137,6 +166,7 @@ def main() -> None:
         result = load(name)
         if result is not None:
             lines += render(result)
+    lines += loadtests()
     print("\n".join(lines))
 
 

@@ -137,8 +137,10 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     stack = Stack(config_from_args(args))
-    # SIGTERM behaves like Ctrl-C so `kill` on the launcher also stops the children.
+    # SIGTERM behaves like Ctrl-C so `kill` on the launcher also stops the children;
+    # SIGINT is set explicitly because a shell starts background jobs with it ignored.
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         stack.start()
         print(f"gateway    {stack.url}   (OpenAI-compatible: {stack.url}/v1/chat/completions)")
