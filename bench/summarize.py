@@ -155,6 +155,24 @@ def loadtests() -> list[str]:
     return lines
 
 
+def aiperf_crosscheck() -> list[str]:
+    path = RESULTS / "aiperf-crosscheck" / "comparison.json"
+    if not path.exists():
+        return []
+    comparison = json.loads(path.read_text())["comparison"]
+    rows = ["| metric | aiperf, two runs | step37-serve loadtest, two runs | within aiperf's spread |",
+            "| --- | --- | --- | --- |"]
+    for metric, row in comparison.items():
+        low, high = row["aiperf_range"]
+        rows.append(f"| {metric} | {low:.1f} – {high:.1f} | {', '.join(f'{v:.1f}' for v in row['loadtest'])} | "
+                    f"{'yes' if row['loadtest_within_aiperf_range'] else '**no**'} |")
+    return ["## Cross-check with NVIDIA aiperf (same gateway, same workload, concurrency 4)", "",
+            "Commands in `bench/crosscheck_aiperf.py`, which writes `bench/results/aiperf-crosscheck/comparison.json` "
+            "from the four result files. aiperf runs its own service processes (controller, dataset manager, workers, record processors) on the same two cores, so its "
+            "two runs spread widely; time to first token is lower with this client than in either aiperf run, a gap "
+            "not explained yet.", "", *rows, ""]
+
+
 def main() -> None:
     lines = ["# Benchmarks", "",
              "Every figure below is read from a JSON file in `bench/results/` by `python bench/summarize.py`; "
@@ -167,6 +185,7 @@ def main() -> None:
         if result is not None:
             lines += render(result)
     lines += loadtests()
+    lines += aiperf_crosscheck()
     print("\n".join(lines))
 
 

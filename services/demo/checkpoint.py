@@ -55,6 +55,12 @@ def save_checkpoint(
     tokenizer_path = directory / "tokenizer.json"
     if not tokenizer_path.exists():
         tokenizer.tokenizer.save(str(tokenizer_path))
+    # Lets Hugging Face tooling (AutoTokenizer, and clients such as aiperf) load the directory.
+    special = tokenizer.special_tokens
+    (directory / "tokenizer_config.json").write_text(json.dumps({
+        "tokenizer_class": "PreTrainedTokenizerFast", "bos_token": special.bos, "eos_token": special.eos,
+        "unk_token": "<unk>", "pad_token": "<pad>", "model_max_length": text_config.max_position_embeddings,
+    }, indent=2) + "\n")
     return directory
 
 
