@@ -57,5 +57,16 @@ async def test_overloaded_answers_carry_retry_after():
     assert response.status_code == 503 and response.headers["retry-after"] == "2"
 
 
-def test_protocol_errors_are_known_without_registration():
-    assert issubclass(proto.LimitExceeded, proto.ProtocolError)
+async def test_wire_errors_answer_with_their_own_status_without_registration():
+    app = FastAPI()
+    install_error_handlers(app)  # no `known`: ProtocolError is always handled
+
+    @app.post("/decode")
+    async def decode(request: Request) -> dict:
+        proto.decode(await request.body())
+        return {}
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        response = await client.post("/decode", content=b"\xc1")
+    assert response.status_code == 400
+    assert response.json()["error"]["type"] == "malformed_message"
