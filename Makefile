@@ -12,6 +12,12 @@ $(BIN)/.installed: pyproject.toml
 	# torch first: the CPU wheel on disk here; an unpinned torch would pull a CUDA build.
 	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	# `step37-serve triton`: the wheel's Triton server and python backend, without PyTriton's
+	# dependencies (they pin numpy<2 for the whole venv); the backend stub gets its own numpy<2.
+	# The wheel is Linux x86-64 only: elsewhere the Triton tests skip.
+	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0 \
+	  && $(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/triton-numpy 'numpy<2' \
+	  || echo "Triton (nvidia-pytriton, numpy<2 for its stub) not installed: step37-serve triton is unavailable"
 	touch $@
 
 install: $(BIN)/.installed

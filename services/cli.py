@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train-demo": ("services.demo.train", "train the bundled step37-tiny model on generated scenes"),
     "encoder": ("encoder_server.cli", "serve the vision tower (native msgpack + KServe v2)"),
     "lm-worker": ("lm_worker.cli", "serve the decoder fed by ImageForInsert messages"),
+    "triton": ("services.triton", "serve the vision tower on Triton Inference Server (python backend)"),
     "gateway": ("services.gateway.cli", "serve the OpenAI-compatible public API (chat completions, captions)"),
     "caption": ("services.caption_client", "caption image files through a running gateway"),
     "loadtest": ("services.loadtest.cli", "load-test an OpenAI-compatible or captions endpoint"),

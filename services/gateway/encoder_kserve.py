@@ -8,7 +8,7 @@ one set of timeouts, one failover loop and one test seam (``httpx.MockTransport`
 for both protocols.
 
 Model contract (the encoder service's KServe route and the Triton model repository):
-input ``IMAGE`` BYTES ``[N]`` (encoded files); outputs ``IMAGE_FEATURES`` FP16
+input ``IMAGE`` BYTES ``[N, 1]`` (encoded files); outputs ``IMAGE_FEATURES`` FP16
 ``[N, L, C]`` (tritonclient misreads BF16) and ``ROPE_CU_SEQLENS`` INT32 ``[N+1]``.
 The insert token is not part of a KServe answer: it comes from settings, or once
 from the model's configuration (``parameters.insert_start_token``, published by the
@@ -52,8 +52,9 @@ class KServeEncoderTransport:
         self.ready_path = f"/v2/models/{quote(model)}/ready"
 
     def _request_body(self, images: Sequence[bytes], request_id: str) -> tuple[bytes, int | None]:
-        image_input = self._triton.InferInput("IMAGE", [len(images)], "BYTES")
-        image_input.set_data_from_numpy(np.array(list(images), dtype=np.object_), binary_data=True)
+        # [N, 1]: Triton refuses [N] for a model with max_batch_size > 0; the encoder takes both.
+        image_input = self._triton.InferInput("IMAGE", [len(images), 1], "BYTES")
+        image_input.set_data_from_numpy(np.array(list(images), dtype=np.object_).reshape(-1, 1), binary_data=True)
         outputs = [self._triton.InferRequestedOutput(name, binary_data=True)
                    for name in ("IMAGE_FEATURES", "ROPE_CU_SEQLENS")]
         return self._triton.InferenceServerClient.generate_request_body(
