@@ -58,6 +58,10 @@ class KServeRoute(APIRoute):
 
 router = APIRouter(route_class=KServeRoute)
 Service = Annotated[EncoderService, Depends(get_service)]
+# Versioned paths read {version} in resolve_model (from path_params, as unversioned
+# paths share the handler), so FastAPI cannot see it: declare it in their OpenAPI.
+_VERSION = {"parameters": [{"name": "version", "in": "path", "required": True,
+                            "schema": {"type": "string"}}]}
 
 
 def model_facts(service: EncoderService) -> metadata.ModelFacts:
@@ -109,26 +113,26 @@ async def all_stats(service: Service) -> dict[str, Any]:
 
 
 @router.get("/v2/models/{name}")
-@router.get("/v2/models/{name}/versions/{version}")
+@router.get("/v2/models/{name}/versions/{version}", openapi_extra=_VERSION)
 async def model(facts: Model) -> dict[str, Any]:
     return metadata.model_metadata(facts)
 
 
 @router.get("/v2/models/{name}/ready")
-@router.get("/v2/models/{name}/versions/{version}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready", openapi_extra=_VERSION)
 async def model_ready(facts: Model, service: Service) -> dict[str, Any]:
     await service.check_ready()
     return {"name": facts.name, "ready": True}
 
 
 @router.get("/v2/models/{name}/config")
-@router.get("/v2/models/{name}/versions/{version}/config")
+@router.get("/v2/models/{name}/versions/{version}/config", openapi_extra=_VERSION)
 async def config(facts: Model) -> dict[str, Any]:
     return metadata.model_config(facts)
 
 
 @router.get("/v2/models/{name}/stats")
-@router.get("/v2/models/{name}/versions/{version}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats", openapi_extra=_VERSION)
 async def stats(facts: Model, service: Service) -> dict[str, Any]:
     return {"model_stats": [service.metrics.statistics.snapshot(facts.name, facts.version)]}
 
@@ -153,7 +157,7 @@ async def repository_index(request: Request, service: Service) -> list[dict[str,
 
 
 @router.post("/v2/models/{name}/infer")
-@router.post("/v2/models/{name}/versions/{version}/infer")
+@router.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_VERSION)
 async def infer(request: Request, facts: Model, service: Service) -> Response:
     body = await read_body(request, service.settings.max_body_bytes)
     parsed = parse_infer_request(body, request.headers.get("inference-header-content-length"),

@@ -87,7 +87,7 @@ def parse_infer_request(body: bytes, header_length: str | None, *, model: str,
     if not isinstance(inputs, list) or not inputs:
         raise InvalidRequest("'inputs' must be a non-empty list", field="inputs")
     for spec in inputs:
-        if not isinstance(spec, dict) or spec.get("name") not in INPUTS:
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str) or spec["name"] not in INPUTS:
             name = spec.get("name") if isinstance(spec, dict) else spec
             raise InvalidRequest(f"unexpected inference input {name!r} for model '{model}'; "
                                  f"expected one of {', '.join(INPUTS)}", field="inputs")
@@ -113,10 +113,12 @@ def _split(body: bytes, header_length: str | None) -> tuple[memoryview, memoryvi
     view = memoryview(body)
     if header_length is None:
         return view, view[len(view):]
-    if not header_length.strip().isdigit():
+    text = header_length.strip()
+    # ASCII only: str.isdigit() also accepts digits such as "²" that int() refuses.
+    if not (text.isascii() and text.isdigit()):
         raise InvalidRequest("Inference-Header-Content-Length must be a non-negative integer",
                              field="Inference-Header-Content-Length", value=header_length)
-    length = int(header_length)
+    length = int(text)
     if length > len(body):
         raise InvalidRequest(f"Inference-Header-Content-Length {length} is beyond the end of the "
                              f"{len(body)}-byte body", field="Inference-Header-Content-Length",
@@ -218,7 +220,7 @@ def _from_json(name: str, shape: list[int], data: Any) -> InferTensor:
         return InferTensor(name, shape, images=[item.encode() for item in strings])
     try:
         values = np.asarray(data, dtype=np.float32).reshape(-1)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # Overflow: a JSON int past float range
         raise InvalidRequest(f"'PIXELS' data must be numbers: {exc}", field="PIXELS.data") from exc
     if values.size != count:
         raise InvalidRequest(f"'PIXELS' data holds {values.size} values, shape {shape} needs {count}",
@@ -259,7 +261,7 @@ def _requested_outputs(outputs: Any, parameters: dict[str, Any], model: str) -> 
 
 def _output_datatype(parameters: dict[str, Any]) -> str:
     value = parameters.get("output_dtype", "FP16")
-    if value not in OUTPUT_DTYPES:
+    if not isinstance(value, str) or value not in OUTPUT_DTYPES:
         raise InvalidRequest("output_dtype must be 'FP16' or 'FP32' (tritonclient decodes BF16 "
                              "wrongly, so this route does not send it)",
                              field="parameters.output_dtype", value=value)

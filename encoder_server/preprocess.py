@@ -39,6 +39,11 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 # other programs); a vision API has no use for them, so they are never tried.
 ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "GIF", "BMP")
 
+# Leading bytes of the allowed formats (WebP, whose tag sits at offset 8, aside): a file
+# that starts like one but does not open is a damaged file, not an unsupported one.
+_SIGNATURES = (("PNG", b"\x89PNG\r\n\x1a\n"), ("JPEG", b"\xff\xd8\xff"), ("GIF", b"GIF87a"),
+               ("GIF", b"GIF89a"), ("BMP", b"BM"))
+
 _SIXTEEN_BIT_MODES = frozenset({"I;16", "I;16L", "I;16B", "I;16N", "I"})
 _ALPHA_MODES = frozenset({"RGBA", "RGBa", "LA", "La", "PA"})
 
@@ -85,6 +90,9 @@ def decode_image(
     try:
         image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # header only
     except UnidentifiedImageError as exc:
+        claimed = _claimed_format(data)
+        if claimed is not None:  # Pillow says "cannot identify" for a damaged header too
+            raise BadImage(field, f"truncated or corrupt {claimed} header") from exc
         allowed = ", ".join(ALLOWED_FORMATS)
         raise BadImage(field, f"not a supported image (expected one of {allowed})") from exc
     except Image.DecompressionBombError as exc:
@@ -94,6 +102,14 @@ def decode_image(
     limits.check(image.width, image.height, field)
     _load(image, field)
     return image
+
+
+def _claimed_format(data: bytes | bytearray | memoryview) -> str | None:
+    """The allowed format whose signature ``data`` starts with, if any."""
+    head = bytes(data[:12])
+    if head.startswith(b"RIFF") and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((fmt for fmt, magic in _SIGNATURES if head.startswith(magic)), None)
 
 
 def _load(image: Image.Image, field: str) -> None:

@@ -3,9 +3,9 @@
 Everything that needs the model or the tokenizer to judge is checked here, before the
 request takes a place in the queue, and each failure is a 4xx naming the field:
 
-* every ``ImageForInsert`` carries finite ``image_features`` whose width is the
-  projector's input dim, and starts at ``<im_start>`` (images) or ``<patch_start>``
-  (multicrop patches);
+* every ``ImageForInsert`` carries finite ``image_features`` of at least one token per
+  image, whose width is the projector's input dim, and starts at ``<im_start>``
+  (images) or ``<patch_start>`` (multicrop patches);
 * the images fit the token layout: one per ``<image>`` placeholder of a prompt, or,
   for raw ``input_ids``, one per start token, each followed by exactly L placeholders
   and its end token (so no span runs past the end of the sequence);
@@ -93,6 +93,10 @@ class RequestValidator:
         for index, item in enumerate(items):
             path = f"images[{index}]"
             item.validate(require_features=True, check_finite=True, path=path)
+            lengths = item.feature_lengths()
+            if 0 in lengths:
+                raise ClientError(f"{path}.image_features",
+                                  "every image needs at least one feature token (L >= 1)", lengths)
             if item.feature_dim != self.encoder_output_dim:
                 raise FeatureDimMismatch(
                     f"{path}.image_features",

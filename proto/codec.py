@@ -151,8 +151,10 @@ def _unpack(data: bytes | bytearray | memoryview, limits: WireLimits) -> Any:
         raise
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
         # msgpack signals every malformation (bad bytes, trailing data, nesting too
-        # deep, non-string keys, ext types) with one of these.
-        raise MalformedMessage("message", f"not a valid msgpack message ({type(exc).__name__}: {exc})") from exc
+        # deep, non-string keys, ext types) with one of these. Some carry no text
+        # (FormatError, StackError); their docstring says what they mean.
+        reason = str(exc) or (type(exc).__doc__ or "").strip()
+        raise MalformedMessage("message", f"not a valid msgpack message ({type(exc).__name__}: {reason})") from exc
 
 
 def decode(data: bytes | bytearray | memoryview, *, expect: type[M] | None = None,

@@ -69,7 +69,11 @@ logger = logging.getLogger(__name__)
 
 
 class GatewayError(Exception):
-    """Base: ``message`` for the client, ``param`` the field at fault, ``value`` what came."""
+    """Base: ``message`` for the client, ``param`` the field at fault, ``value`` what came.
+
+    ``upstream_field`` is the field a downstream named when it refused our request, in
+    that request's terms (``images[2]`` of an encode batch), for the caller to translate.
+    """
 
     status = 500
     type = "server_error"
@@ -77,11 +81,12 @@ class GatewayError(Exception):
 
     def __init__(self, message: str, *, param: str | None = None, value: Any = None,
                  retryable: bool = False, endpoint_fault: bool = False,
-                 headers: dict[str, str] | None = None) -> None:
+                 headers: dict[str, str] | None = None, upstream_field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.value = value
+        self.upstream_field = upstream_field
         self.retryable = retryable
         self.endpoint_fault = endpoint_fault
         self.headers = headers or {}

@@ -29,11 +29,14 @@ class ImageFetcher:
 
     def check_url(self, url: str, *, param: str) -> None:
         """Refuse (400) a URL the gateway will not fetch, before any network traffic."""
-        parts = urlsplit(url)
+        try:
+            parts = urlsplit(url)
+            host = (parts.hostname or "").lower()
+        except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+            raise InvalidImage(f"{param}: not a valid URL ({exc})", param=param) from exc
         if parts.scheme not in ("http", "https"):
             raise InvalidImage(f"{param}: image URLs must be data: URLs or http(s) URLs", param=param,
                                value=parts.scheme)
-        host = (parts.hostname or "").lower()
         if parts.username is not None or parts.password is not None:
             raise ImageUrlNotAllowed(f"{param}: image URLs may not carry credentials", param=param)
         if host not in self.allowed_hosts:
@@ -61,7 +64,7 @@ class ImageFetcher:
                         raise PayloadTooLarge(f"{param}: the image is larger than the limit of "
                                               f"{self.max_bytes} bytes", param=param)
                     chunks.append(chunk)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             # The URL is the client's: a failed download is a bad request, not our outage.
             raise InvalidImage(f"{param}: could not download the image URL ({type(exc).__name__})",
                                param=param) from exc

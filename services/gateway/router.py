@@ -60,9 +60,13 @@ def _request_id(request: Request) -> str:
 
 
 def _parse(schema: type[M], body: bytes) -> M:
-    """A JSON body as its protocol object; schema errors become 400s naming the field."""
+    """A JSON body as its protocol object; schema errors become 400s naming the field.
+
+    Strict, as OpenAI's API is: ``"max_tokens": "4"`` or ``"stream": "yes"`` is a wrong
+    type, not a value to coerce. (Multipart form fields are all text, so they are not.)
+    """
     try:
-        return schema.model_validate_json(body)
+        return schema.model_validate_json(body, strict=True)
     except ValidationError as exc:
         raise invalid_request(exc) from exc
 
