@@ -94,6 +94,8 @@ class ChatCompletionRequest(_Request):
     top_p: float | None = Field(default=None, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, le=2**63 - 1)
     stop: str | list[str] | None = None
+    # vLLM's extension: generate max_tokens tokens even past EOS (fixed-length load tests).
+    ignore_eos: bool = False
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = 1

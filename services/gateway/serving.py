@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import TypeVar
 from proto import GenerateRequest, GenerateResponse, SamplingParams
 from services.gateway.cache import FeatureCache, FeatureKey
 from services.gateway.encoder_client import EncoderClient
-from services.gateway.errors import LimitExceeded, ModelNotFound, UpstreamTimeout
+from services.gateway.errors import ClientError, LimitExceeded, ModelNotFound, UpstreamTimeout
 from services.gateway.features import EncodedImage, split_image_for_insert
 from services.gateway.fetch import ImageFetcher
 from services.gateway.images import (
@@ -41,6 +42,18 @@ logger = logging.getLogger(__name__)
 T = TypeVar("T")
 # Below this many bytes, decoding and hashing on the event loop costs less than a thread hop.
 _INLINE_DECODE_BYTES = 256 * 1024
+# How the encoder names an image it refused: its index in the encode batch.
+_ENCODER_IMAGE_FIELD = re.compile(r"images\[(\d+)\]")
+
+
+def _name_refused_image(error: ClientError, params: Sequence[str]) -> None:
+    """Point an encoder's refusal of ``images[k]`` at the request field that carried it:
+    the encoder numbers the images of its batch (this request's cache misses), which
+    need not be the request's own order."""
+    match = _ENCODER_IMAGE_FIELD.fullmatch(error.upstream_field or "")
+    if match is not None and int(match.group(1)) < len(params):
+        error.param = params[int(match.group(1))]
+        error.message = f"{error.param}: {error.message}"
 
 
 async def gather_or_cancel(work: Sequence[Awaitable[T]]) -> list[T]:
@@ -102,14 +115,16 @@ class Pipeline:
                                 f"{self.settings.max_prompt_chars}", param=param, value=len(prompt))
 
     def sampling(self, *, max_tokens: int | None, temperature: float | None = None, top_p: float | None = None,
-                 seed: int | None = None, stop: Sequence[str] = (), param: str = "max_tokens") -> SamplingParams:
+                 seed: int | None = None, stop: Sequence[str] = (), ignore_eos: bool = False,
+                 param: str = "max_tokens") -> SamplingParams:
         """Sampling parameters; ``max_tokens`` may not exceed the configured cap."""
         cap = self.settings.max_tokens
         if max_tokens is not None and max_tokens > cap:
             raise LimitExceeded(f"{param} is {max_tokens}; the limit is {cap}", param=param, value=max_tokens)
         return SamplingParams(max_new_tokens=max_tokens or self.settings.default_max_tokens,
                               temperature=temperature or 0.0,
-                              top_p=1.0 if top_p is None else top_p, seed=seed, stop=list(stop))
+                              top_p=1.0 if top_p is None else top_p, seed=seed, stop=list(stop),
+                              ignore_eos=ignore_eos)
 
     async def with_deadline(self, work: Awaitable[T]) -> T:
         """Run ``work`` within the request deadline (504 past it; the work is cancelled)."""
@@ -161,10 +176,17 @@ class Pipeline:
         """Features per image, in order: cached ones at once, the rest in one encoder call."""
         keys = [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype) for image in images]
         data_by_key = {key: image.data for key, image in zip(keys, images, strict=True)}
+        param_by_key: dict[FeatureKey, str] = {}
+        for key, image in zip(keys, images, strict=True):
+            param_by_key.setdefault(key, image.param)
 
         async def encode_missing(missing: list[FeatureKey]) -> dict[FeatureKey, EncodedImage]:
             start = time.perf_counter()
-            result = await self.encoder.encode([data_by_key[key] for key in missing], request_id=request_id)
+            try:
+                result = await self.encoder.encode([data_by_key[key] for key in missing], request_id=request_id)
+            except ClientError as exc:
+                _name_refused_image(exc, [param_by_key[key] for key in missing])
+                raise
             timer.add_call("encoder", 1e3 * (time.perf_counter() - start), result.timings)
             self._check_encoder_model(result.model)
             return dict(zip(missing, split_image_for_insert(result.image, len(missing)), strict=True))

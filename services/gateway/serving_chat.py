@@ -99,7 +99,7 @@ class ChatService:
         pipeline.check_image_count(len(sources), "messages")
         sampling = pipeline.sampling(
             max_tokens=request.requested_max_tokens, temperature=request.temperature, top_p=request.top_p,
-            seed=request.seed, stop=request.stop_list,
+            seed=request.seed, stop=request.stop_list, ignore_eos=request.ignore_eos,
             param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens")
         images = []
         if sources:

@@ -3,8 +3,9 @@
 The rules: a 4xx means the client's input was refused (pass the downstream's message
 on, with the matching status) unless it is a status only a misconfigured gateway
 could cause (404, 405: a wrong URL or model name → 502). "Busy" (429/503) is 503 and
-may be tried elsewhere without counting against the endpoint. Connection failures,
-dropped connections, timeouts and other 5xx count against the endpoint; they may be
+may be tried elsewhere without counting against the endpoint. An endpoint that cannot
+be reached makes the service unavailable (503). Connection failures, dropped
+connections, timeouts and other 5xx count against the endpoint; they may be
 retried elsewhere when nothing was sent yet (connect errors) or the call is
 idempotent (encodes). A downstream's 5xx text stays in the log, not in the answer.
 """
@@ -63,12 +64,23 @@ def _message(body: bytes) -> str:
     return text[:_MAX_MESSAGE_CHARS]
 
 
+def _field(body: bytes) -> str | None:
+    """The field our services name in an error body (``{"error": {"field": ...}}``), if any."""
+    try:
+        parsed = json.loads(body[:_MAX_ERROR_BODY])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    error = parsed.get("error") if isinstance(parsed, dict) else None
+    field = error.get("field") if isinstance(error, dict) else None
+    return field if isinstance(field, str) else None
+
+
 def error_from_status(service: str, status: int, body: bytes, *, idempotent: bool) -> GatewayError:
     message = _message(body)
     if status in (400, 422):
-        return InvalidRequest(f"the {service} refused the request: {message}")
+        return InvalidRequest(f"the {service} refused the request: {message}", upstream_field=_field(body))
     if status == 413:
-        return PayloadTooLarge(f"the {service} refused the request: {message}")
+        return PayloadTooLarge(f"the {service} refused the request: {message}", upstream_field=_field(body))
     if status in (429, 503):
         return ServiceUnavailable(f"the {service} is overloaded; retry later ({message})", retryable=True)
     logger.warning("%s answered HTTP %d: %s", service, status, message)
@@ -84,8 +96,10 @@ def error_from_exception(service: str, exc: httpx.HTTPError, *, idempotent: bool
         # Our own connection pool is exhausted: the endpoint is not at fault.
         return ServiceUnavailable(f"too many requests in flight to the {service}", retryable=True)
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
-        # Nothing reached the endpoint, so any call may go elsewhere.
-        return UpstreamError(f"could not connect to the {service} ({name})", retryable=True, endpoint_fault=True)
+        # Nothing reached the endpoint, so any call may go elsewhere; with nowhere
+        # else to go the service is unavailable (503), not misbehaving (502).
+        return ServiceUnavailable(f"could not connect to the {service} ({name})", retryable=True,
+                                  endpoint_fault=True)
     if isinstance(exc, httpx.TimeoutException):
         return UpstreamTimeout(f"the {service} did not answer in time ({name})", endpoint_fault=True)
     if isinstance(exc, (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)):

@@ -59,7 +59,8 @@ def test_encoder_failure_on_every_endpoint_is_a_5xx():
     async def scenario():
         down = {"http://encoder-a": httpx.ConnectError, "http://encoder-b": httpx.ConnectError}
         h = harness(FakeEncoder(behaviours=down))
-        assert_openai_error(await post_chat(h, chat_body(png())), 502, "upstream_error")
+        error = assert_openai_error(await post_chat(h, chat_body(png())), 503, "service_unavailable")
+        assert "could not connect to the encoder" in error["message"]
         busy = {"http://encoder-a": 503, "http://encoder-b": 503}
         h = harness(FakeEncoder(behaviours=busy))
         response = await post_chat(h, chat_body(png()))
@@ -91,11 +92,12 @@ def test_encoder_rejecting_the_image_is_the_clients_error():
     run(scenario())
 
 
-def test_lm_worker_down_is_502_then_503_once_ejected():
+def test_lm_worker_down_is_503_before_and_after_it_is_ejected():
     async def scenario():
         h = harness(lm=FakeLM(behaviours={"http://lm-a": httpx.ConnectError}), eject_after_failures=2)
         for _ in range(2):
-            assert_openai_error(await post_chat(h, chat_body(png())), 502, "upstream_error")
+            error = assert_openai_error(await post_chat(h, chat_body(png())), 503, "service_unavailable")
+            assert "could not connect to the LM worker" in error["message"]
         error = assert_openai_error(await post_chat(h, chat_body(png())), 503, "service_unavailable")
         assert "no ready lm endpoint" in error["message"]
         # a stream fails the same way, before any byte is sent
