@@ -15,6 +15,7 @@ import json
 import math
 import random
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -58,6 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
+    parser.add_argument("--data-worker", action=argparse.BooleanOptionalAction, default=True,
+                        help="draw scenes in a worker process while the model trains")
     parser.add_argument("--init-from", default=None,
                         help="continue from this checkpoint's weights and tokenizer (a fresh schedule)")
 
@@ -96,6 +99,35 @@ class Examples:
         input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences])  # [B, S]
         label_ids = torch.tensor([lab + [IGNORE] * (longest - len(lab)) for lab in labels])  # [B, S]
         return torch.stack(pixels), input_ids, label_ids
+
+
+class ExampleStream(torch.utils.data.IterableDataset):
+    """An endless, seeded stream of batches, drawn in a worker process so that scene
+    rendering overlaps the model's forward and backward passes."""
+
+    def __init__(self, examples: Examples, batch_size: int) -> None:
+        super().__init__()
+        self.examples = examples
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        while True:
+            yield self.examples.batch(self.batch_size)
+
+
+def batches(examples: Examples, args: argparse.Namespace) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The training batches; the same sequence whether drawn in a worker or in the loop."""
+    stream = ExampleStream(examples, args.batch_size)
+    if not args.data_worker:
+        return iter(stream)
+    # One worker keeps the order deterministic; it renders with one thread.
+    loader = torch.utils.data.DataLoader(stream, batch_size=None, num_workers=1, prefetch_factor=4,
+                                         worker_init_fn=_single_threaded)
+    return iter(loader)
+
+
+def _single_threaded(_worker_id: int) -> None:
+    torch.set_num_threads(1)
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
@@ -154,9 +186,10 @@ def run(args: argparse.Namespace) -> int:
 
     log: list[dict[str, float]] = []
     started = time.perf_counter()
+    stream = batches(examples, args)
     progress = tqdm(range(args.steps), desc="train step37-tiny", unit="step")
     for step in progress:
-        pixels, input_ids, labels = examples.batch(args.batch_size)
+        pixels, input_ids, labels = next(stream)
         for group in optimizer.param_groups:
             group["lr"] = learning_rate(step, args)
         features = vision(pixels)  # [B, L, C]
