@@ -13,7 +13,8 @@ service process is read from ``/proc`` every ``--sample-s`` seconds.
 
 Targets: no request lost (every one answered: no transport error, no timeout), no
 5xx for a valid request, every invalid one a 4xx, and each process's RSS after the
-warm-up no more than 10 % above its value at the end of the warm-up. The JSON (to
+warm-up no more than 10 % above its value at the end of the warm-up. The gateway's
+feature cache is set small (``--cache-bytes``, 8 MiB) so that it is full by then. The JSON (to
 ``bench/results/soak-<device>.json``) holds every request and every memory sample.
 """
 
@@ -41,6 +42,7 @@ from services.launcher import BUNDLED_MODEL, Stack, StackConfig
 
 RSS_GROWTH_LIMIT = 0.10
 SCENE_SEED = 9_100_000
+REUSE_POOL = 2000  # repeats are drawn from the most recent images (the client's memory stays bounded)
 
 
 @dataclass
@@ -54,6 +56,9 @@ class SoakConfig:
     warmup_s: float | None = None  # None: a fifth of the duration
     sample_s: float = 2.0
     request_timeout_s: float = 120.0
+    # Small enough that the feature cache fills during the warm-up: growth after it is
+    # then a leak, not the cache doing its job (and eviction is exercised throughout).
+    cache_bytes: int = 8 << 20
     seed: int = 0
     model: str = str(BUNDLED_MODEL)
 
@@ -124,7 +129,7 @@ class Traffic:
 
     config: SoakConfig
     rng: random.Random = field(init=False)
-    sent: list[bytes] = field(default_factory=list)
+    sent: list[bytes] = field(default_factory=list)  # the last REUSE_POOL images sent
     next_scene: int = SCENE_SEED
 
     def __post_init__(self) -> None:
@@ -136,6 +141,7 @@ class Traffic:
         data = _png(self.next_scene)
         self.next_scene += 1
         self.sent.append(data)
+        del self.sent[:-REUSE_POOL]
         return data
 
     def next_request(self) -> tuple[str, str, dict[str, object]]:
@@ -218,7 +224,19 @@ async def soak(url: str, pids: dict[str, int], config: SoakConfig) -> dict[str, 
         await asyncio.gather(*(worker() for _ in range(config.concurrency)))
         stop.set()
         await sampler
-    return summarize(records, memory, config)
+        cache = await _cache_state(client, url)
+    return {**summarize(records, memory, config), "gateway_cache": cache}
+
+
+async def _cache_state(client: httpx.AsyncClient, url: str) -> dict[str, float]:
+    """The feature cache's counters at the end (it should be full and evicting)."""
+    text = (await client.get(url + "/metrics")).text
+    state = {}
+    for line in text.splitlines():
+        name, _, value = line.partition(" ")
+        if name.startswith("step37_gateway_cache_"):
+            state[name.removeprefix("step37_gateway_").removesuffix("_total")] = float(value)
+    return state
 
 
 def _growth(series: list[list[float]], warmup_s: float) -> dict[str, float | None]:
@@ -273,7 +291,8 @@ def summarize(records: list[Record], memory: dict[str, list[list[float]]], confi
 
 def run_with_stack(config: SoakConfig, log_dir: str | None = None) -> dict[str, object]:
     """Start the system, soak it, stop it."""
-    stack_config = StackConfig(model=config.model, device="cpu" if not _cuda() else "auto", log_dir=log_dir)
+    stack_config = StackConfig(model=config.model, device="cpu" if not _cuda() else "auto", log_dir=log_dir,
+                               gateway_args=["--cache-bytes", str(config.cache_bytes)])
     with Stack(stack_config) as stack:
         pids = {service.name: service.process.pid for service in stack.children if service.process is not None}
         return asyncio.run(soak(stack.url, pids, config))
@@ -293,12 +312,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--invalid-share", type=float, default=0.2, help="share of malformed requests")
     parser.add_argument("--warmup-s", type=float, default=None, help="memory baseline time (default: duration/5)")
     parser.add_argument("--sample-s", type=float, default=2.0, help="seconds between memory samples")
+    parser.add_argument("--cache-bytes", type=int, default=8 << 20, help="the gateway's feature cache")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-write", action="store_true", help="print the summary only")
     args = parser.parse_args(argv)
     config = SoakConfig(duration_s=args.duration_s, concurrency=args.concurrency, reuse=args.reuse,
                         invalid_share=args.invalid_share, warmup_s=args.warmup_s, sample_s=args.sample_s,
-                        seed=args.seed)
+                        cache_bytes=args.cache_bytes, seed=args.seed)
     report = run_with_stack(config)
     brief = {k: v for k, v in report.items() if k not in ("records", "memory")}
     print(json.dumps(brief, indent=2))

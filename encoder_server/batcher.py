@@ -53,7 +53,7 @@ class BatcherConfig:
     """Batching knobs, named as in Triton's ``dynamic_batching`` block."""
 
     max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256  # requests waiting (not counting the batch in flight)
     default_timeout_s: float | None = 60.0  # queue wait + forward; None waits forever
 

@@ -47,8 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 "x-internal-token header (health, readiness and metrics stay open)")
     batching = parser.add_argument_group("batching and limits")
     add_setting(batching, "--max-batch-size", default=8, type=int, help="images per forward")
-    add_setting(batching, "--max-queue-delay-ms", default=5.0, type=float,
-                help="longest wait for a fuller batch, from the oldest queued request")
+    add_setting(batching, "--max-queue-delay-ms", default=0.0, type=float,
+                help="longest wait for a fuller batch, from the oldest queued request (0, as in Triton: "
+                     "run as soon as the device is free; what queues during a forward is batched)")
     add_setting(batching, "--max-queue-size", default=256, type=int,
                 help="requests allowed to wait; beyond it requests get 503")
     add_setting(batching, "--request-timeout-s", default=60.0, type=float,

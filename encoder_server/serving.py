@@ -68,7 +68,7 @@ class EncoderSettings:
     device: str | None = None
     dtype: str | None = None
     max_batch_size: int = 8
-    max_queue_delay_ms: float = 5.0
+    max_queue_delay_ms: float = 0.0
     max_queue_size: int = 256
     request_timeout_s: float = 60.0
     max_images_per_request: int = 16

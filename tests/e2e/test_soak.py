@@ -6,7 +6,8 @@ from bench.soak import SoakConfig, run_with_stack
 
 
 def test_a_short_soak_loses_nothing_and_holds_its_memory(model_dir, tmp_path) -> None:
-    config = SoakConfig(duration_s=30, concurrency=4, warmup_s=8, sample_s=1.0, model=str(model_dir))
+    config = SoakConfig(duration_s=30, concurrency=4, warmup_s=8, sample_s=1.0, cache_bytes=256 << 10,
+                        model=str(model_dir))
     report = run_with_stack(config, log_dir=str(tmp_path))
     failures = [r for r in report["records"] if r[2] == 0 or (not r[1].startswith("invalid:") and r[2] != 200)]
     assert report["requests"] >= 20, "the soak sent almost nothing"

@@ -149,6 +149,24 @@ def test_api_key_comparison():
             auth.check(header)
 
 
+def test_api_keys_are_compared_in_constant_time(monkeypatch):
+    """Every presented key goes through hmac.compare_digest, never ``==``."""
+    import services.gateway.auth as auth_module
+
+    compared: list[tuple[bytes, bytes]] = []
+
+    def spy(presented: bytes, expected: bytes) -> bool:
+        compared.append((presented, expected))
+        return presented == expected
+
+    monkeypatch.setattr(auth_module.hmac, "compare_digest", spy)
+    auth = ApiKeyAuth("sk-1")
+    auth.check("Bearer sk-1")
+    with pytest.raises(AuthenticationFailed):
+        auth.check("Bearer sk-2")
+    assert compared == [(b"sk-1", b"sk-1"), (b"sk-2", b"sk-1")]
+
+
 # ---- KServe v2 transport ------------------------------------------------------------
 
 class FakeTriton:
