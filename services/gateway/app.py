@@ -29,6 +29,7 @@ from services.gateway.fetch import ImageFetcher
 from services.gateway.lm_client import LMClient
 from services.gateway.metrics import GatewayMetrics
 from services.gateway.pool import EndpointPool
+from services.gateway.protocol import CaptionRequest, ChatCompletionRequest
 from services.gateway.router import router
 from services.gateway.serving import Pipeline
 from services.gateway.serving_captions import CaptionService
@@ -196,4 +197,36 @@ def create_app(settings: GatewaySettings, transports: Transports | None = None) 
     install_error_handlers(app, on_error=state.metrics.error)
     app.include_router(router)
     app.add_middleware(_AdmissionAndMetrics, state=state)
+    _document_request_bodies(app)
     return app
+
+
+def _document_request_bodies(app: FastAPI) -> None:
+    """Put the JSON bodies of chat completions and captions into ``/openapi.json``.
+
+    The routes read bounded raw bodies (size first, then strict parsing), so FastAPI
+    cannot see their models; the document gets them here, for clients, ``/docs`` and
+    schema-driven fuzzers. Captions also take multipart files (``file`` parts).
+    """
+    generate = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        document = generate()
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in (("/v1/chat/completions", ChatCompletionRequest), ("/v1/captions", CaptionRequest)):
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            schemas.update(body.pop("$defs", {}))
+            schemas[model.__name__] = body
+            content = {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}
+            if model is CaptionRequest:
+                content["multipart/form-data"] = {"schema": {"type": "object", "properties": {
+                    "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+                    "prompt": {"type": "string"}, "max_tokens": {"type": "integer", "minimum": 1},
+                    "temperature": {"type": "number", "minimum": 0, "maximum": 2}}}}
+            document["paths"][path]["post"]["requestBody"] = {"required": True, "content": content}
+        app.openapi_schema = document
+        return document
+
+    app.openapi = openapi
