@@ -15,7 +15,6 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from encoder_server import kserve, router
-from encoder_server.errors import EncoderError
 from encoder_server.metrics import EncoderMetrics
 from encoder_server.serving import EncoderService
 from services.common.errors import install_error_handlers
@@ -72,7 +71,7 @@ def create_app(service: EncoderService) -> FastAPI:
     app = FastAPI(title="step37-serve encoder", version="0.1.0", lifespan=lifespan,
                   description="Step3.7 vision tower: native msgpack API and KServe v2 / Triton HTTP.")
     app.state.service = service
-    install_error_handlers(app, on_error=service.metrics.error, known=(EncoderError,))
+    install_error_handlers(app, on_error=service.metrics.error)
     app.include_router(router.router)
     app.include_router(kserve.router)
     app.add_middleware(RequestMetricsMiddleware, metrics=service.metrics)

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from proto.errors import DescribedError
+
 __all__ = [
     "BadImage",
     "ClientError",
@@ -43,31 +45,18 @@ __all__ = [
     "UnsupportedMediaType",
 ]
 
-# Echoed values are clipped: a client's 10 MB field must not come back in the error.
-_MAX_VALUE_CHARS = 200
-
-
-class EncoderError(Exception):
+class EncoderError(DescribedError):
     """Base of the encoder's errors; unknown exceptions are not wrapped in it."""
 
     http_status: ClassVar[int] = 500
     kind: ClassVar[str] = "encoder_error"
+    max_value_chars = 200
 
     def __init__(self, reason: str, *, field: str | None = None, value: object = None) -> None:
         self.reason = reason
         self.field = field
         self.value = value
         super().__init__(f"{field}: {reason}" if field else reason)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON error body (`{"type", "field", "message", "value"}`) services send back."""
-        body: dict[str, Any] = {"type": self.kind, "field": self.field, "message": str(self)}
-        if self.value is not None:
-            text = repr(self.value)
-            body["value"] = (
-                text if len(text) <= _MAX_VALUE_CHARS else text[:_MAX_VALUE_CHARS] + "..."
-            )
-        return body
 
 
 class ClientError(EncoderError):

@@ -14,7 +14,6 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from lm_worker.errors import LMWorkerError
 from lm_worker.router import create_router
 from lm_worker.serving import LMWorkerService
 from lm_worker.settings import LMWorkerSettings
@@ -40,7 +39,7 @@ def create_app(service: LMWorkerService | LMWorkerSettings) -> FastAPI:
 
     app = FastAPI(title="step37-serve LM worker", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.service = service
-    install_error_handlers(app, on_error=service.metrics.on_error, known=(LMWorkerError,))
+    install_error_handlers(app, on_error=service.metrics.on_error)
     app.include_router(create_router(service))
     if service.settings.internal_token is not None:
         app.add_middleware(InternalTokenMiddleware, token=service.settings.internal_token)

@@ -26,6 +26,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from proto.errors import DescribedError
+
 __all__ = [
     "ClientError",
     "ContextLengthExceeded",
@@ -44,7 +46,7 @@ __all__ = [
 ]
 
 
-class LMWorkerError(Exception):
+class LMWorkerError(DescribedError):
     http_status = 500
     kind = "internal_error"
 
@@ -52,12 +54,6 @@ class LMWorkerError(Exception):
         self.field = field
         self.value = value
         super().__init__(f"{field}: {message}" if field else message)
-
-    def to_dict(self) -> dict[str, Any]:
-        body: dict[str, Any] = {"type": self.kind, "field": self.field, "message": str(self)}
-        if self.value is not None:
-            body["value"] = repr(self.value)[:80]
-        return body
 
 
 class ClientError(LMWorkerError, ValueError):

@@ -22,6 +22,7 @@ from typing import Any
 
 __all__ = [
     "BadTensor",
+    "DescribedError",
     "InvalidValue",
     "LimitExceeded",
     "MalformedMessage",
@@ -32,17 +33,29 @@ __all__ = [
     "WrongType",
 ]
 
-_MAX_VALUE_REPR = 80
+class DescribedError(Exception):
+    """An error that names the ``field`` at fault and the ``value`` found there; its
+    ``to_dict`` is the JSON error body of every service (``services.common.errors``).
+    The base of the wire errors here and of the encoder's and LM worker's errors."""
+
+    http_status = 500
+    kind = "error"
+    field: str | None = None
+    value: Any = None
+    # Echoed values are clipped: a client's 10 MB field must not come back in the error.
+    max_value_chars = 80
+
+    def to_dict(self) -> dict[str, Any]:
+        body: dict[str, Any] = {"type": self.kind, "field": self.field, "message": str(self)}
+        if self.value is not None:
+            text = repr(self.value)
+            if len(text) > self.max_value_chars:
+                text = text[: self.max_value_chars - 3] + "..."
+            body["value"] = text
+        return body
 
 
-def _short_repr(value: Any) -> str:
-    text = repr(value)
-    if len(text) > _MAX_VALUE_REPR:
-        text = text[: _MAX_VALUE_REPR - 3] + "..."
-    return text
-
-
-class ProtocolError(ValueError):
+class ProtocolError(DescribedError, ValueError):
     """Base of all wire errors. ``field`` is a dotted path, ``value`` what was found."""
 
     http_status = 400
@@ -53,13 +66,6 @@ class ProtocolError(ValueError):
         self.value = value
         self.message = message
         super().__init__(f"{field}: {message}" if field else message)
-
-    def to_dict(self) -> dict[str, Any]:
-        """The JSON error body services send back."""
-        body: dict[str, Any] = {"type": self.kind, "field": self.field, "message": str(self)}
-        if self.value is not None:
-            body["value"] = _short_repr(self.value)
-        return body
 
 
 class MalformedMessage(ProtocolError):

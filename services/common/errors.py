@@ -1,7 +1,7 @@
 """One place that maps exceptions to HTTP responses, shared by the internal services.
 
-Client errors (anything carrying ``http_status`` < 500 and ``to_dict()``, such as
-``proto.ProtocolError`` and each package's ``ClientError``) become that status with
+Errors that describe themselves (``proto.DescribedError``: the wire errors and the
+encoder's and LM worker's own) become their ``http_status`` with
 ``{"error": {type, field, message, value}}``. Request-schema errors from FastAPI
 become 422 naming the field. Anything else is logged with its traceback and answered
 with a generic 500, so internals never leak to clients and nothing is swallowed.
@@ -17,25 +17,21 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from proto import ProtocolError
+from proto.errors import DescribedError
 
 __all__ = ["error_body", "install_error_handlers", "status_of"]
 
 logger = logging.getLogger(__name__)
 
 
-def _describes_itself(exc: BaseException) -> bool:
-    return isinstance(getattr(exc, "http_status", None), int) and callable(getattr(exc, "to_dict", None))
-
-
 def status_of(exc: BaseException) -> int:
-    return exc.http_status if _describes_itself(exc) else 500  # type: ignore[attr-defined]
+    return exc.http_status if isinstance(exc, DescribedError) else 500
 
 
 def error_body(exc: BaseException) -> dict[str, Any]:
     """The JSON error object: the exception's own description, or a generic one."""
-    if _describes_itself(exc):
-        return exc.to_dict()  # type: ignore[attr-defined]
+    if isinstance(exc, DescribedError):
+        return exc.to_dict()
     return {"type": "internal_error", "message": "internal server error"}
 
 
@@ -46,13 +42,12 @@ def _validation_body(exc: RequestValidationError) -> dict[str, Any]:
     return {"type": "invalid_request", "field": field, "message": f"{field}: {first.get('msg', 'invalid')}"}
 
 
-def install_error_handlers(app: FastAPI, on_error: Any = None, known: tuple[type[BaseException], ...] = ()) -> None:
+def install_error_handlers(app: FastAPI, on_error: Any = None) -> None:
     """Register the handlers; ``on_error(kind)`` (optional) counts errors for metrics.
 
-    ``known`` lists a package's error base classes (``ProtocolError`` is always known).
-    They need their own registration: Starlette runs the handler for ``Exception``
-    inside ServerErrorMiddleware, which re-raises after answering — right for a bug
-    (the server logs its traceback), wrong for a client's bad request.
+    ``DescribedError`` needs its own registration: Starlette runs the handler for
+    ``Exception`` inside ServerErrorMiddleware, which re-raises after answering — right
+    for a bug (the server logs its traceback), wrong for a client's bad request.
     """
 
     def count(kind: str) -> None:
@@ -73,7 +68,7 @@ def install_error_handlers(app: FastAPI, on_error: Any = None, known: tuple[type
     @app.exception_handler(Exception)
     async def _any(request: Request, exc: Exception) -> JSONResponse:
         status = status_of(exc)
-        if not _describes_itself(exc):
+        if not isinstance(exc, DescribedError):
             logger.exception("unhandled error on %s %s", request.method, request.url.path)
         body = error_body(exc)
         count(body.get("type", "internal_error"))
@@ -81,5 +76,4 @@ def install_error_handlers(app: FastAPI, on_error: Any = None, known: tuple[type
         headers = {"retry-after": str(max(1, round(retry_after)))} if retry_after and status in (429, 503) else None
         return JSONResponse({"error": body}, status_code=status, headers=headers)
 
-    for cls in (ProtocolError, *known):
-        app.add_exception_handler(cls, _any)
+    app.add_exception_handler(DescribedError, _any)

@@ -9,22 +9,20 @@ import pytest
 from fastapi import FastAPI, Request
 
 import proto
+from proto.errors import DescribedError
 from services.common.errors import install_error_handlers
 from services.common.http import read_body
 
 
-class Busy(Exception):
+class Busy(DescribedError):
     http_status = 503
     kind = "overloaded"
     retry_after_s = 2.4
 
-    def to_dict(self) -> dict:
-        return {"type": self.kind, "message": "queue full"}
-
 
 def make_client() -> httpx.AsyncClient:
     app = FastAPI()
-    install_error_handlers(app, known=(Busy,))
+    install_error_handlers(app)
 
     @app.post("/echo")
     async def echo(request: Request) -> dict:
@@ -59,7 +57,7 @@ async def test_overloaded_answers_carry_retry_after():
 
 async def test_wire_errors_answer_with_their_own_status_without_registration():
     app = FastAPI()
-    install_error_handlers(app)  # no `known`: ProtocolError is always handled
+    install_error_handlers(app)
 
     @app.post("/decode")
     async def decode(request: Request) -> dict:
