@@ -24,7 +24,7 @@ from services.common.auth import INTERNAL_TOKEN_HEADER
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.cache import FeatureCache
 from services.gateway.encoder_client import EncoderClient, EncoderTransport, NativeEncoderTransport
-from services.gateway.errors import TooManyRequests, error_response, install_error_handlers
+from services.gateway.errors import ServiceUnavailable, error_response, install_error_handlers
 from services.gateway.fetch import ImageFetcher
 from services.gateway.lm_client import LMClient
 from services.gateway.metrics import GatewayMetrics
@@ -130,7 +130,7 @@ def build_state(settings: GatewaySettings, transports: Transports | None = None)
 
 class _AdmissionAndMetrics:
     """Counts every request (route, status, latency, in flight) and turns work beyond
-    ``max_concurrent_requests`` away with 429 before it costs anything. A streamed
+    ``max_concurrent_requests`` away with 503 + Retry-After before it costs anything. A streamed
     response stays admitted until its last byte."""
 
     def __init__(self, app: ASGIApp, state: GatewayState) -> None:
@@ -158,7 +158,8 @@ class _AdmissionAndMetrics:
         try:
             if admitted and state.admitted >= state.settings.max_concurrent_requests:
                 admitted = False
-                error = TooManyRequests(f"the gateway is serving {state.admitted} requests, its limit; retry")
+                error = ServiceUnavailable(f"the gateway is overloaded: it is serving {state.admitted} requests, "
+                                           "its limit; retry later")
                 metrics.error(error)
                 await error_response(error)(scope, receive, send_and_record)
                 return

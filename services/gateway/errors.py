@@ -11,14 +11,13 @@ below; ``param`` is the request field at fault (``messages[0].content[1].image_u
     │   ├── AuthenticationFailed                401  authentication_error / invalid_api_key
     │   ├── ModelNotFound                       404  invalid_request_error / model_not_found
     │   ├── PayloadTooLarge                     413  … / payload_too_large: a byte bound (body, image)
-    │   ├── LimitExceeded                       422  … / limit_exceeded: a count bound (images, pixels,
-    │   │                                            prompt characters, max_tokens)
-    │   └── TooManyRequests                     429  rate_limit_error / too_many_requests
+    │   └── LimitExceeded                       422  … / limit_exceeded: a count bound (images, pixels,
+    │                                                prompt characters, max_tokens)
     └── ServerError                             5xx: the request was fine; retrying later may work
         ├── UpstreamError                       502  server_error / upstream_error: a downstream failed,
         │                                            was unreachable or answered garbage
         ├── ServiceUnavailable                  503  server_error / service_unavailable: no ready
-        │                                            endpoint, or a downstream is overloaded
+        │                                            endpoint, a downstream or the gateway overloaded
         └── UpstreamTimeout                     504  server_error / upstream_timeout
 
 Errors from a downstream also say whether another endpoint may be tried
@@ -55,7 +54,6 @@ __all__ = [
     "PayloadTooLarge",
     "ServerError",
     "ServiceUnavailable",
-    "TooManyRequests",
     "UpstreamError",
     "UpstreamTimeout",
     "error_response",
@@ -135,15 +133,6 @@ class PayloadTooLarge(ClientError):
 class LimitExceeded(ClientError):
     status = 422
     code = "limit_exceeded"
-
-
-class TooManyRequests(ClientError):
-    status = 429
-    type = "rate_limit_error"
-    code = "too_many_requests"
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message, headers={"retry-after": "1"})
 
 
 class ServerError(GatewayError):

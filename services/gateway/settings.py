@@ -146,7 +146,7 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "--encoder-attempts": (int, "encoder attempts, each on another endpoint (encodes are idempotent)"),
     "--probe-interval-s": (float, "seconds between readiness probes of each endpoint"),
     "--eject-after-failures": (int, "consecutive failures that take an endpoint out of rotation"),
-    "--max-concurrent-requests": (int, "requests served at once; more get 429"),
+    "--max-concurrent-requests": (int, "requests served at once; more get 503 (overloaded)"),
     "--log-level": (str, "logging level"),
 }
 

@@ -277,14 +277,15 @@ def test_api_key():
     run(scenario())
 
 
-def test_requests_beyond_the_concurrency_limit_get_429():
+def test_requests_beyond_the_concurrency_limit_get_503_with_retry_after():
     async def scenario():
         h = harness(lm=FakeLM(generate_delay_s=0.5), max_concurrent_requests=1)
         first = asyncio.ensure_future(post_chat(h, chat_body(png())))
         while not h.lm.requests:
             await asyncio.sleep(0.01)
         response = await post_chat(h, chat_body(png()))
-        assert_openai_error(response, 429, "too_many_requests")
+        error = assert_openai_error(response, 503, "service_unavailable")
+        assert "overloaded" in error["message"] and response.headers["retry-after"] == "1"
         assert (await first).status_code == 200
 
     run(scenario())
