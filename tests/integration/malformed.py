@@ -12,10 +12,16 @@ import io
 import math
 import struct
 import zlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import httpx
 import numpy as np
 from PIL import Image
+
+from services.common.procs import ServiceProcess
+from services.launcher import BUNDLED_MODEL
 
 __all__ = [
     "BROKEN_IMAGES",
@@ -157,3 +163,15 @@ def assert_refused(response: httpx.Response, status: int, field: str, fragment: 
     assert error["field"] == field, error
     assert fragment in error["message"] and error["type"], error
     return error
+
+
+@contextmanager
+def serving(command: str, *flags: str, log_dir: Path) -> Iterator[ServiceProcess]:
+    """``step37-serve <command>`` on the bundled model (CPU, one thread) with ``flags``,
+    ready; stopped on the way out."""
+    service = ServiceProcess(command, [command, "--model", str(BUNDLED_MODEL), "--device", "cpu",
+                                       "--torch-threads", "1", *flags], log_path=str(log_dir / f"{command}.log"))
+    try:
+        yield service.start().wait_ready(timeout_s=120)
+    finally:
+        service.stop()

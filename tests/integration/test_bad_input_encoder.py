@@ -33,6 +33,7 @@ from malformed import (
     jpeg_declaring,
     multipart,
     png_declaring,
+    serving,
     wire_tensor,
 )
 
@@ -50,16 +51,10 @@ INFER = f"/v2/models/{MODEL}/infer"
 
 @pytest.fixture(scope="module")
 def encoder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    log = tmp_path_factory.mktemp("logs") / "encoder.log"
-    service = ServiceProcess("encoder", [
-        "encoder", "--model", str(BUNDLED_MODEL), "--device", "cpu", "--torch-threads", "1",
-        "--max-batch-size", str(MAX_BATCH_SIZE), "--max-images-per-request", str(MAX_BATCH_SIZE),
-        "--max-body-bytes", str(MAX_BODY_BYTES), "--max-image-pixels", str(MAX_IMAGE_PIXELS),
-        "--max-queue-delay-ms", "1"], log_path=str(log))
-    try:
-        yield service.start().wait_ready(timeout_s=120)
-    finally:
-        service.stop()
+    with serving("encoder", "--max-batch-size", str(MAX_BATCH_SIZE), "--max-images-per-request",
+                 str(MAX_BATCH_SIZE), "--max-body-bytes", str(MAX_BODY_BYTES), "--max-image-pixels",
+                 str(MAX_IMAGE_PIXELS), "--max-queue-delay-ms", "1", log_dir=tmp_path_factory.mktemp("logs")) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from malformed import assert_refused, deeply_nested
+from malformed import assert_refused, deeply_nested, serving
 from malformed import wire_tensor as tensor
 
 import proto
@@ -39,14 +39,9 @@ MSGPACK = {"content-type": proto.CONTENT_TYPE}
 
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServiceProcess]:
-    log = tmp_path_factory.mktemp("logs") / "lm-worker.log"
-    service = ServiceProcess("lm-worker", [
-        "lm-worker", "--model", str(BUNDLED_MODEL), "--device", "cpu", "--torch-threads", "1",
-        "--max-batch-size", "2", "--max-body-bytes", str(MAX_BODY_BYTES)], log_path=str(log))
-    try:
-        yield service.start().wait_ready(timeout_s=120)
-    finally:
-        service.stop()
+    with serving("lm-worker", "--max-batch-size", "2", "--max-body-bytes", str(MAX_BODY_BYTES),
+                 log_dir=tmp_path_factory.mktemp("logs")) as service:
+        yield service
 
 
 @pytest.fixture(scope="module")
