@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--vision-lr-scale", type=float, default=1.0,
+                        help="learning rate of the vision tower and projector, as a multiple of --lr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
@@ -130,6 +132,21 @@ def _single_threaded(_worker_id: int) -> None:
     torch.set_num_threads(1)
 
 
+def make_optimizer(vision: torch.nn.Module, decoder: torch.nn.Module, fusion: ImageInsertEmbedding,
+                   args: argparse.Namespace) -> torch.optim.AdamW:
+    """AdamW over every weight once; the vision tower and the projector behind it learn
+    at ``args.vision_lr_scale`` times the rate of the decoder (whose embedding the fusion
+    module borrows)."""
+    groups = [{"params": [*vision.parameters(), *fusion.align_projector.parameters()], "scale": args.vision_lr_scale},
+              {"params": [*decoder.parameters()], "scale": 1.0}]
+    return torch.optim.AdamW(groups, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+
+
+def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group["scale"]
+
+
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
@@ -181,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     vision, decoder, fusion, tokenizer, text_config = build_models(args, out)
     vision_config = vision.config
     params = [*vision.parameters(), *decoder.parameters(), *fusion.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01, betas=(0.9, 0.98))
+    optimizer = make_optimizer(vision, decoder, fusion, args)
     examples = Examples(tokenizer, vision_config.image_size, vision_config.tokens_per_image, args.seed)
 
     log: list[dict[str, float]] = []
@@ -190,8 +207,7 @@ def run(args: argparse.Namespace) -> int:
     progress = tqdm(range(args.steps), desc="train step37-tiny", unit="step")
     for step in progress:
         pixels, input_ids, labels = next(stream)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate(step, args)
+        set_learning_rate(optimizer, learning_rate(step, args))
         features = vision(pixels)  # [B, L, C]
         fused = fusion(input_ids, [ImageForInsert(tokenizer.ids.im_start, image_features=features)])  # [S, B, H]
         logits = decoder(fused)  # [S, B, V]

@@ -1,0 +1,57 @@
+"""``step37-serve train-demo`` end to end at toy scale: it trains, evaluates and writes a
+checkpoint the services load; the worker process draws the same batches as the loop."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from encoder_server.model import load_vision_model
+from lm_worker.model.loading import load_lm
+from services.demo import train
+
+
+def run_training(out: Path, *extra: str) -> dict:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--out", str(out), "--steps", "3", "--batch-size", "2", "--warmup-steps", "1",
+                              "--eval-scenes", "2", "--threads", "1", *extra])
+    assert train.run(args) == 0
+    return json.loads((out / "training_log.json").read_text())
+
+
+def test_training_writes_a_checkpoint_the_services_load(tmp_path: Path) -> None:
+    report = run_training(tmp_path / "in-loop", "--no-data-worker")
+    out = tmp_path / "in-loop"
+    assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
+        p.name for p in out.iterdir()}
+    assert [entry["step"] for entry in report["log"]] == [0, 2]
+    assert report["log"][0]["loss"] > report["log"][-1]["loss"] > 0  # it learns something
+    assert report["eval"]["scenes"] == 2
+    vision = load_vision_model(out, dtype=torch.float32, device="cpu")
+    decoder, projector, _ = load_lm(out, dtype=torch.float32, device="cpu")
+    assert vision.config.image_size == 224 and projector and decoder is not None
+
+
+def test_the_data_worker_draws_the_same_batches(tmp_path: Path) -> None:
+    in_loop = run_training(tmp_path / "a", "--no-data-worker")
+    in_worker = run_training(tmp_path / "b", "--data-worker")
+    assert [e["loss"] for e in in_worker["log"]] == [e["loss"] for e in in_loop["log"]]
+
+
+def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path), "--vision-lr-scale", "3"])
+    vision, decoder, fusion, _, _ = train.build_models(args, tmp_path)
+    optimizer = train.make_optimizer(vision, decoder, fusion, args)
+    train.set_learning_rate(optimizer, 1e-3)
+    by_id = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    everything = [*vision.parameters(), *decoder.parameters(), *fusion.parameters()]
+    assert len(by_id) == sum(len(g["params"]) for g in optimizer.param_groups)  # each weight once
+    assert set(by_id) == {id(p) for p in everything}
+    assert {by_id[id(p)] for p in [*vision.parameters(), *fusion.align_projector.parameters()]} == {3e-3}
+    assert {by_id[id(p)] for p in decoder.parameters()} == {1e-3}
