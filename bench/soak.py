@@ -154,7 +154,7 @@ class Traffic:
         if draw < self.config.stream_share:
             return "chat-stream", "/v1/chat/completions", {"json": _chat(_data_url(image), stream=True,
                                                                          max_tokens=self.config.max_tokens)}
-        if draw < 0.6:
+        if draw < 0.6:  # the rest: plain chat completions and captions in about equal shares
             return "chat", "/v1/chat/completions", {"json": _chat(_data_url(image), stream=False,
                                                                   max_tokens=self.config.max_tokens)}
         return "caption", "/v1/captions", {"files": {"file": ("scene.png", image, "image/png")},
@@ -262,7 +262,7 @@ def summarize(records: list[Record], memory: dict[str, list[list[float]]], confi
     worst = max((g["growth"] for g in growth.values() if g["growth"] is not None), default=None)
     ok_latency = [r.latency_ms for r in valid if r.status == 200]
     return {
-        "config": {k: v for k, v in vars(config).items()},
+        "config": dict(vars(config)),
         "requests": len(records),
         "valid": len(valid),
         "invalid": len(invalid),
@@ -291,17 +291,11 @@ def summarize(records: list[Record], memory: dict[str, list[list[float]]], confi
 
 def run_with_stack(config: SoakConfig, log_dir: str | None = None) -> dict[str, object]:
     """Start the system, soak it, stop it."""
-    stack_config = StackConfig(model=config.model, device="cpu" if not _cuda() else "auto", log_dir=log_dir,
+    stack_config = StackConfig(model=config.model, device="auto", log_dir=log_dir,
                                gateway_args=["--cache-bytes", str(config.cache_bytes)])
     with Stack(stack_config) as stack:
         pids = {service.name: service.process.pid for service in stack.children if service.process is not None}
         return asyncio.run(soak(stack.url, pids, config))
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,7 +179,7 @@ def test_without_an_encoder_requests_fail_fast_and_the_system_recovers(services)
     assert httpx.get(gateway.url + "/ready", timeout=5).status_code == 200
 
 
-def long_chat(url: str, index: int, *, stream: bool, max_tokens: int = 300) -> dict:
+def long_chat(index: int, *, stream: bool, max_tokens: int = 300) -> dict:
     image = "data:image/png;base64," + base64.b64encode(png(index)).decode()
     return {"model": "step37-tiny", "max_tokens": max_tokens, "ignore_eos": True, "stream": stream,
             "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}
@@ -188,16 +188,16 @@ def long_chat(url: str, index: int, *, stream: bool, max_tokens: int = 300) -> d
 def test_killing_the_lm_worker_mid_generation_answers_in_flight_requests_and_recovers(services) -> None:
     encoder, lm = start_encoder(services), start_lm_worker(services)
     gateway = start_gateway(services, encoder.url, lm.url)
-    first = httpx.post(gateway.url + "/v1/chat/completions", json=long_chat(gateway.url, 0, stream=False, max_tokens=20),
+    first = httpx.post(gateway.url + "/v1/chat/completions", json=long_chat(0, stream=False, max_tokens=20),
                        timeout=60)
     assert first.status_code == 200 and first.json()["usage"]["completion_tokens"] == 20, first.text
 
     def non_streaming(index: int) -> httpx.Response:
-        return httpx.post(gateway.url + "/v1/chat/completions", json=long_chat(gateway.url, index, stream=False),
+        return httpx.post(gateway.url + "/v1/chat/completions", json=long_chat(index, stream=False),
                           timeout=60)
 
     with ThreadPoolExecutor(2) as pool, httpx.stream(
-            "POST", gateway.url + "/v1/chat/completions", json=long_chat(gateway.url, 1, stream=True),
+            "POST", gateway.url + "/v1/chat/completions", json=long_chat(1, stream=True),
             timeout=60) as stream:
         assert stream.status_code == 200
         lines = stream.iter_lines()
@@ -247,7 +247,7 @@ def test_a_client_leaving_a_stream_frees_its_lm_worker_slot(services) -> None:
     encoder, lm = start_encoder(services), start_lm_worker(services)
     gateway = start_gateway(services, encoder.url, lm.url)
     aborted = metric(lm.url, "lm_worker_requests_total", finish_reason="abort")
-    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=long_chat(gateway.url, 0, stream=True),
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", json=long_chat(0, stream=True),
                       timeout=60) as stream:
         received = 0
         for line in stream.iter_lines():
