@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from services.demo import captions, scenes
 from services.demo.scenes import (
@@ -39,6 +40,28 @@ def _rgb_distance(first: tuple[int, ...], second: tuple[int, ...]) -> float:
 
 
 # --- determinism ------------------------------------------------------------------------
+
+
+def _render_whole_canvas(layout: list[scenes.ObjectLayout], background: scenes._Background, size: int) -> np.ndarray:
+    """The straightforward rendering: the whole scene supersampled, then box-downsampled."""
+    side = size * scenes._SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side))
+    draw = ImageDraw.Draw(canvas)
+    scenes._draw_background(draw, background, side)
+    for placed in layout:
+        scenes._draw_object(draw, placed, scenes._SUPERSAMPLE)
+    return np.asarray(canvas.resize((size, size), Image.Resampling.BOX))
+
+
+@pytest.mark.parametrize("size", [224, 112, 100, 33])
+def test_rendering_only_around_objects_matches_downsampling_the_whole_canvas(size: int) -> None:
+    seeds = random.Random(size)
+    for _ in range(150):
+        rng = random.Random(seeds.getrandbits(63))
+        layout = [scenes._lay_out(obj, rng, size) for obj in scenes._sample_objects(rng)]
+        background = scenes._sample_background(rng, size * scenes._SUPERSAMPLE)
+        fast = np.asarray(scenes._render(layout, background, size))
+        np.testing.assert_array_equal(fast, _render_whole_canvas(layout, background, size))
 
 
 def test_same_seed_gives_identical_pixels_and_caption() -> None:
