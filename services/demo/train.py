@@ -55,6 +55,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=48)
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--warmup-steps", type=int, default=100)
+    parser.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
+                        help="after warm-up: cosine decay, or warmup-stable-decay (constant, then a linear "
+                             "decay over the last --decay-fraction of the steps)")
+    parser.add_argument("--decay-fraction", type=float, default=0.3, help="share of the steps the wsd decay takes")
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="learning rate of the vision tower and projector, as a multiple of --lr")
     parser.add_argument("--seed", type=int, default=0)
@@ -148,8 +152,14 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
+    """Linear warm-up, then cosine decay to 5 % of the peak, or stay at the peak and
+    decay linearly to 5 % over the last ``decay_fraction`` of the steps (wsd)."""
     if step < args.warmup_steps:
         return args.lr * (step + 1) / args.warmup_steps
+    if args.schedule == "wsd":
+        decay_steps = max(1, round(args.decay_fraction * args.steps))
+        remaining = args.steps - 1 - step
+        return args.lr * (0.05 + 0.95 * min(1.0, remaining / decay_steps))
     progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 

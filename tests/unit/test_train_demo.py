@@ -55,3 +55,19 @@ def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_p
     assert set(by_id) == {id(p) for p in everything}
     assert {by_id[id(p)] for p in [*vision.parameters(), *fusion.align_projector.parameters()]} == {3e-3}
     assert {by_id[id(p)] for p in decoder.parameters()} == {1e-3}
+
+
+def test_learning_rate_schedules_warm_up_then_decay_to_five_percent() -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    cosine = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3"])
+    wsd = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--schedule", "wsd",
+                             "--decay-fraction", "0.2"])
+    for args in (cosine, wsd):
+        rates = [train.learning_rate(step, args) for step in range(100)]
+        assert rates[0] == 1e-4 and abs(rates[9] - 1e-3) < 1e-12  # linear warm-up to the peak
+        assert abs(rates[-1] - 5e-5) < 1e-6 and all(a >= b for a, b in zip(rates[9:], rates[10:], strict=False))
+    stable = [train.learning_rate(step, wsd) for step in range(10, 80)]
+    assert all(abs(rate - 1e-3) < 1e-12 for rate in stable)  # wsd holds the peak until the last 20 steps
+    assert train.learning_rate(89, wsd) == 1e-3 * (0.05 + 0.95 * 10 / 20)
+    assert train.learning_rate(50, cosine) < 1e-3 * 0.8  # cosine is already decaying at mid-run
