@@ -138,14 +138,16 @@ def http_floor(wire_ms: float, latency_ms: float) -> list[str]:
     result = load("http_floor-cpu")
     if result is None:
         return []
-    floor = result["two_calls_ms"]
-    return [f"The wire's floor: a bare HTTP round trip (`GET /health` from the gateway's httpx client, "
-            f"`python bench/http_floor.py`) takes {result['results']['encoder']['median_ms']:.1f} ms "
-            f"(encoder) and {result['results']['lm_worker']['median_ms']:.1f} ms (LM worker) here, "
-            f"so the two calls of a request cost {floor:.1f} ms ({100 * floor / latency_ms:.1f} % of it) "
-            f"before any body is sent; the other {wire_ms - floor:.1f} ms of the {wire_ms:.1f} ms are "
-            "bodies, msgpack and the hand-offs between event loops and model threads. "
-            + provenance(result), ""]
+    ours, theirs = result["results"]["aiohttp"], result["results"]["httpx"]
+    floor = result["two_calls_ms"]["aiohttp"]
+    return [f"The wire's floor: a bare HTTP round trip (`GET /health`, keep-alive, "
+            f"`python bench/http_floor.py`) takes {ours['encoder']['median_ms']:.1f} ms (encoder) and "
+            f"{ours['lm_worker']['median_ms']:.1f} ms (LM worker) here through the gateway's client "
+            f"(httpx's API over aiohttp's transport; httpx's own transport: {theirs['encoder']['median_ms']:.1f} "
+            f"and {theirs['lm_worker']['median_ms']:.1f} ms), so the two calls of a request cost {floor:.1f} ms "
+            f"({100 * floor / latency_ms:.1f} % of it) before any body is sent; the other "
+            f"{max(0.0, wire_ms - floor):.1f} ms of the {wire_ms:.1f} ms are bodies, msgpack and the hand-offs "
+            "between event loops and model threads. " + provenance(result), ""]
 
 
 def soak(result: dict) -> list[str]:

@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.auth import INTERNAL_TOKEN_HEADER
+from services.common.transport import AiohttpTransport
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.cache import FeatureCache
 from services.gateway.encoder_client import EncoderClient, EncoderTransport, NativeEncoderTransport
@@ -90,6 +91,8 @@ def _client(transport: httpx.AsyncBaseTransport | None, settings: GatewaySetting
                           max_keepalive_connections=settings.max_concurrent_requests)
     # The internal token goes to our own services only, never to an image host.
     headers = {INTERNAL_TOKEN_HEADER: settings.internal_token} if internal and settings.internal_token else {}
+    if transport is None and internal:  # our own tiers: the cheaper per-call transport
+        transport = AiohttpTransport(max_connections=limits.max_connections)
     return httpx.AsyncClient(transport=transport, limits=limits, trust_env=False, headers=headers,
                              timeout=httpx.Timeout(settings.lm_timeout_s, connect=settings.connect_timeout_s))
 

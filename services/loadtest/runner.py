@@ -30,6 +30,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
+from services.common.transport import AiohttpTransport
 from services.loadtest.client import RequestSender
 from services.loadtest.errors import RUN_DEADLINE, ConfigError
 from services.loadtest.feed import SpecFeed
@@ -149,15 +150,17 @@ class LoadTester:
     async def run(self, points: Sequence[LoadPoint]) -> list[PointResult]:
         settings = self.settings
         headers = {"authorization": f"Bearer {settings.api_key}"} if settings.api_key else {}
-        # Connections unbounded: concurrency is bounded by the workers, and a pool limit
-        # would add client-side queueing to the measured latency.
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        # The client's own cost per request is part of every latency it reports: send
+        # through aiohttp's cheaper connection handling unless a test supplies a
+        # transport. Connections unbounded: concurrency is bounded by the workers, and a
+        # pool limit would add client-side queueing to the measured latency.
+        transport = self.transport or AiohttpTransport(max_connections=None, trust_env=True)
         feed = SpecFeed(self.workload, settings.prefetch)
         feed.start()
         if settings.requests is None:
             await feed.allow(None)  # duration mode: how many is not known in advance
         try:
-            async with httpx.AsyncClient(transport=self.transport, headers=headers, limits=limits,
+            async with httpx.AsyncClient(transport=transport, headers=headers,
                                          timeout=None) as client:
                 for index, point in enumerate(points):
                     result = PointResult(point, time.time())
