@@ -51,22 +51,28 @@ IGNORE = -100
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default="models/step37-tiny", help="checkpoint directory to write")
-    parser.add_argument("--steps", type=int, default=1500)
+    parser.add_argument("--steps", type=int, default=1700)
     parser.add_argument("--batch-size", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--lr", type=float, default=1.5e-3, help="peak learning rate")
     parser.add_argument("--warmup-steps", type=int, default=100)
-    parser.add_argument("--schedule", choices=("cosine", "wsd"), default="cosine",
+    parser.add_argument("--schedule", choices=("cosine", "wsd"), default="wsd",
                         help="after warm-up: cosine decay, or warmup-stable-decay (constant, then a linear "
                              "decay over the last --decay-fraction of the steps)")
     parser.add_argument("--decay-fraction", type=float, default=0.3, help="share of the steps the wsd decay takes")
+    parser.add_argument("--start-lr", type=float, default=7e-4,
+                        help="a lower rate for the first --start-steps, then a ramp to --lr over --warmup-steps: "
+                             "at the full rate the decoder can stay hundreds of steps on the plateau where it "
+                             "writes the grammar without reading the image")
+    parser.add_argument("--start-steps", type=int, default=350, help="how long --start-lr holds (0: no start rate)")
     parser.add_argument("--vision-lr-scale", type=float, default=1.0,
                         help="learning rate of the vision tower and projector, as a multiple of --lr")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-scenes", type=int, default=500)
     parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    parser.add_argument("--data-worker", action=argparse.BooleanOptionalAction, default=True,
-                        help="draw scenes in a worker process while the model trains")
+    parser.add_argument("--data-worker", action=argparse.BooleanOptionalAction, default=False,
+                        help="draw scenes in a worker process while the model trains (with spare cores; "
+                             "on two cores it competes with the model's threads)")
     parser.add_argument("--init-from", default=None,
                         help="continue from this checkpoint's weights and tokenizer (a fresh schedule)")
 
@@ -153,9 +159,17 @@ def set_learning_rate(optimizer: torch.optim.Optimizer, lr: float) -> None:
 
 def learning_rate(step: int, args: argparse.Namespace) -> float:
     """Linear warm-up, then cosine decay to 5 % of the peak, or stay at the peak and
-    decay linearly to 5 % over the last ``decay_fraction`` of the steps (wsd)."""
+    decay linearly to 5 % over the last ``decay_fraction`` of the steps (wsd).
+
+    With ``start_steps`` (0: off), the warm-up goes to ``start_lr``, which holds until
+    ``start_steps``; the rate then ramps to ``lr`` over another ``warmup_steps``."""
+    start_lr = args.start_lr if args.start_steps else args.lr
     if step < args.warmup_steps:
-        return args.lr * (step + 1) / args.warmup_steps
+        return start_lr * (step + 1) / args.warmup_steps
+    if step < args.start_steps:
+        return start_lr
+    if step < args.start_steps + args.warmup_steps and start_lr != args.lr:
+        return start_lr + (args.lr - start_lr) * (step + 1 - args.start_steps) / args.warmup_steps
     if args.schedule == "wsd":
         decay_steps = max(1, round(args.decay_fraction * args.steps))
         remaining = args.steps - 1 - step

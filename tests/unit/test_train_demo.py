@@ -60,9 +60,10 @@ def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_p
 def test_learning_rate_schedules_warm_up_then_decay_to_five_percent() -> None:
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
-    cosine = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3"])
+    cosine = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--schedule", "cosine",
+                                "--start-steps", "0"])
     wsd = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--schedule", "wsd",
-                             "--decay-fraction", "0.2"])
+                             "--decay-fraction", "0.2", "--start-steps", "0"])
     for args in (cosine, wsd):
         rates = [train.learning_rate(step, args) for step in range(100)]
         assert rates[0] == 1e-4 and abs(rates[9] - 1e-3) < 1e-12  # linear warm-up to the peak
@@ -71,3 +72,15 @@ def test_learning_rate_schedules_warm_up_then_decay_to_five_percent() -> None:
     assert all(abs(rate - 1e-3) < 1e-12 for rate in stable)  # wsd holds the peak until the last 20 steps
     assert train.learning_rate(89, wsd) == 1e-3 * (0.05 + 0.95 * 10 / 20)
     assert train.learning_rate(50, cosine) < 1e-3 * 0.8  # cosine is already decaying at mid-run
+
+
+def test_a_lower_start_rate_holds_then_ramps_to_the_peak() -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--schedule", "wsd",
+                              "--decay-fraction", "0.2", "--start-lr", "4e-4", "--start-steps", "30"])
+    rates = [train.learning_rate(step, args) for step in range(100)]
+    assert abs(rates[9] - 4e-4) < 1e-12 and all(abs(rate - 4e-4) < 1e-12 for rate in rates[10:30])
+    assert all(a < b for a, b in zip(rates[29:40], rates[30:40], strict=False))  # the ramp
+    assert all(abs(rate - 1e-3) < 1e-12 for rate in rates[39:80])
+    assert abs(rates[-1] - 5e-5) < 1e-9
