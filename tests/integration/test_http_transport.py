@@ -15,9 +15,9 @@ from collections.abc import AsyncIterator, Iterator
 
 import httpx
 import pytest
-import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import Response, StreamingResponse
+from threaded_server import serve_in_thread
 
 from services.common.server import find_free_port
 from services.common.transport import AiohttpTransport
@@ -67,18 +67,8 @@ def make_app(seen: Seen) -> FastAPI:
 @pytest.fixture(scope="module")
 def server() -> Iterator[tuple[str, Seen]]:
     seen = Seen()
-    port = find_free_port()
-    server = uvicorn.Server(uvicorn.Config(make_app(seen), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, name="transport-test-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20.0
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "test server did not start"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", seen
-    server.should_exit = True
-    thread.join(timeout=20.0)
+    with serve_in_thread(make_app(seen), "transport-test-server") as url:
+        yield url, seen
 
 
 def client(**timeouts: float) -> httpx.AsyncClient:

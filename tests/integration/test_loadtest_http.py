@@ -8,13 +8,11 @@ are lower bounds (with slack where the client's own reading time enters).
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import uvicorn
+from threaded_server import serve_in_thread
 
 from services import cli as top_level_cli
 from services.common.server import find_free_port
@@ -25,19 +23,8 @@ from services.loadtest.report import load_report
 @pytest.fixture
 def mock_server() -> Iterator[tuple[str, MockServerConfig]]:
     config = MockServerConfig(tokens=5, first_token_delay_s=0.05, token_interval_s=0.02, hang_every=4, hang_s=30.0)
-    port = find_free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(config), host="127.0.0.1", port=port, log_level="warning",
-                                           lifespan="off", timeout_graceful_shutdown=1))
-    thread = threading.Thread(target=server.run, name="mock-openai-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20.0
-    while not server.started:  # polls readiness; fails fast if the server thread died
-        assert thread.is_alive(), "mock server exited during start-up"
-        assert time.monotonic() < deadline, "mock server did not start within 20 s"
-        time.sleep(0.01)
-    yield f"http://127.0.0.1:{port}", config
-    server.should_exit = True
-    thread.join(timeout=20.0)
+    with serve_in_thread(create_app(config), "mock-openai-server") as url:
+        yield url, config
 
 
 def test_streamed_ttft_timeouts_and_report_over_a_socket(mock_server: tuple[str, MockServerConfig],
