@@ -280,7 +280,7 @@ def _render(layout: list[ObjectLayout], background: _Background, image_size: int
     Each output pixel is the mean of its own block of supersampled pixels, so only the
     blocks around the objects are downsampled; the rest of the image is the downsampled
     background, computed directly. The same pixels as downsampling the whole canvas
-    (``tests/unit/test_scenes.py`` compares), in a quarter of the time."""
+    (``tests/unit/test_scenes.py`` compares)."""
     canvas = Image.new("RGB", (image_size * _SUPERSAMPLE,) * 2)
     draw = ImageDraw.Draw(canvas)
     _draw_background(draw, background, image_size * _SUPERSAMPLE)

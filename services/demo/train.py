@@ -71,8 +71,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-seed", type=int, default=1_000_003, help="held-out scenes (training uses others)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     parser.add_argument("--data-worker", action=argparse.BooleanOptionalAction, default=False,
-                        help="draw scenes in a worker process while the model trains (with spare cores; "
-                             "on two cores it competes with the model's threads)")
+                        help="draw scenes in a worker process while the model trains (for a machine with "
+                             "cores to spare; the same batches either way)")
     parser.add_argument("--init-from", default=None,
                         help="continue from this checkpoint's weights and tokenizer (a fresh schedule)")
 
@@ -174,7 +174,8 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
         decay_steps = max(1, round(args.decay_fraction * args.steps))
         remaining = args.steps - 1 - step
         return args.lr * (0.05 + 0.95 * min(1.0, remaining / decay_steps))
-    progress = (step - args.warmup_steps) / max(1, args.steps - args.warmup_steps)
+    ramped = args.start_steps + args.warmup_steps if start_lr != args.lr else args.warmup_steps
+    progress = (step - ramped) / max(1, args.steps - ramped)
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 

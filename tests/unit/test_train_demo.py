@@ -84,3 +84,13 @@ def test_a_lower_start_rate_holds_then_ramps_to_the_peak() -> None:
     assert all(a < b for a, b in zip(rates[29:40], rates[30:40], strict=False))  # the ramp
     assert all(abs(rate - 1e-3) < 1e-12 for rate in rates[39:80])
     assert abs(rates[-1] - 5e-5) < 1e-9
+
+
+def test_cosine_decay_starts_at_the_peak_after_the_start_rate_ramp() -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--steps", "100", "--warmup-steps", "10", "--lr", "1e-3", "--schedule", "cosine",
+                              "--start-lr", "4e-4", "--start-steps", "30"])
+    rates = [train.learning_rate(step, args) for step in range(100)]
+    assert abs(rates[39] - 1e-3) < 1e-12 and abs(rates[40] - 1e-3) < 1e-12  # ramp ends, cosine begins at the peak
+    assert all(a >= b for a, b in zip(rates[40:], rates[41:], strict=False))
