@@ -11,7 +11,7 @@ model, same machine, in one run, rounds interleaved:
 - ``decoupled_reuse50``: the decoupled system where half the images repeat an earlier
   one, so the gateway's feature cache answers instead of the encoder.
 
-    python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2]
+    python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2 --device auto]
 """
 
 from __future__ import annotations
@@ -74,14 +74,15 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16")
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto, for the services and the pipeline")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     torch.set_num_threads(os.cpu_count() or 1)
-    captioner = InProcessCaptioner.from_pretrained(args.model, device="cpu")
+    captioner = InProcessCaptioner.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
     samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
                                                  for v in ("decoupled", "monolithic", "decoupled_reuse50")}
-    with Stack(StackConfig(model=args.model, device="cpu", log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
+    with Stack(StackConfig(model=args.model, device=args.device, log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
         for round_index in range(args.rounds):
             for concurrency in levels:
                 seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points

@@ -45,14 +45,14 @@ def build_ids(batch: int, seq: int, images: int, tokens: int, gen: torch.Generat
 
 
 def loop_forward(module: ImageInsertEmbedding, ids: torch.Tensor, item: ImageForInsert, batched: bool) -> torch.Tensor:
-    emb = module.language_embedding(ids.t())  # [S, B, H]
+    emb = module.language_embedding(ids.to(module.align_projector.weight.device).t())  # [S, B, H]
     feats = item.image_features
     positions = (ids == item.insert_start_token).nonzero().tolist()
     if batched:
-        projected = module.align_projector(feats.reshape(-1, feats.shape[-1]).to(emb.dtype)).view(
+        projected = module.align_projector(feats.reshape(-1, feats.shape[-1]).to(emb.device, emb.dtype)).view(
             feats.shape[0], feats.shape[1], -1)
     for i, (b, s) in enumerate(positions):
-        rows = projected[i] if batched else module.align_projector(feats[i].to(emb.dtype))
+        rows = projected[i] if batched else module.align_projector(feats[i].to(emb.device, emb.dtype))
         end = min(s + 1 + rows.shape[0], emb.shape[0])
         emb[s + 1 : end, b] = rows[: end - s - 1]
     return emb
@@ -92,8 +92,8 @@ def main() -> None:
                 "fast": lambda: module(ids, [item]),
                 "loop": lambda: loop_forward(module, ids, item, batched=False),
                 "loop_batched_projection": lambda: loop_forward(module, ids, item, batched=True),
-                "floor": lambda: (embedding(ids.t()),
-                                  module.align_projector(features.reshape(-1, args.enc_dim).to(dtype))),
+                "floor": lambda: (embedding(ids.to(device).t()),
+                                  module.align_projector(features.reshape(-1, args.enc_dim).to(device, dtype))),
             },
             rounds=args.rounds,
         )

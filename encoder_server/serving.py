@@ -44,6 +44,7 @@ from proto import (
     ImageForInsert,
     WireLimits,
     dtype_from_name,
+    to_device,
 )
 
 __all__ = ["DEFAULT_INSERT_START_TOKEN", "EncoderService", "EncoderSettings", "load_model"]
@@ -269,5 +270,5 @@ class EncoderService:
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Worker thread: [B, 3, H, W] float32 -> [B, L, C] on the CPU in the model's dtype."""
         with torch.inference_mode():
-            features = self.model(pixels.to(self.device, non_blocking=True))  # [B, L, C]
+            features = self.model(to_device(pixels, self.device))  # [B, L, C]
             return features.cpu()  # the device->host copy also waits for the GPU

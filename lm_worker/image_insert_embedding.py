@@ -30,7 +30,7 @@ from lm_worker.errors import (
     PlaceholderMismatch,
     SpanOutOfRange,
 )
-from proto import ImageForInsert, feature_blocks
+from proto import ImageForInsert, feature_blocks, to_device
 
 __all__ = ["ImageForInsert", "ImageInsertEmbedding", "LanguageEmbedding"]
 
@@ -151,8 +151,9 @@ class ImageInsertEmbedding(nn.Module):
         embedding = self.language_embedding
         if isinstance(embedding, nn.Embedding):
             # Embedding the transposed ids yields [S, B, H] directly and contiguously,
-            # cheaper than transposing [B, S, H] activations afterwards.
-            return embedding(input_ids.t())
+            # cheaper than transposing [B, S, H] activations afterwards. Host ids (the
+            # fast path: start tokens are found on them) go over in one pinned copy.
+            return embedding(to_device(input_ids, embedding.weight.device).t())
         out = embedding(input_ids=input_ids, position_ids=position_ids)
         batch, seq = input_ids.shape
         if out.dim() != 3 or out.shape[0] != seq or out.shape[1] != batch:
@@ -174,9 +175,7 @@ def _flatten_rows(features: Features, device: torch.device, dtype: torch.dtype) 
             raise ImageInsertError("image_features", "empty list of feature blocks")
         lengths = [int(block.shape[0]) for block in blocks]
         rows = torch.cat(blocks, dim=0)  # [ΣL, C]
-    if rows.device != device and device.type == "cuda" and rows.device.type == "cpu":
-        rows = rows.pin_memory()  # lets the host→device copy below run asynchronously
-    return rows.to(device=device, dtype=dtype, non_blocking=True), lengths
+    return to_device(rows, device, dtype), lengths  # pinned, asynchronous, cast on the device
 
 
 def _insert_rows_(
@@ -239,7 +238,7 @@ def _insert_rows_(
             keep = keep_last if keep is None else keep.nonzero().squeeze(1)[keep_last]
     if keep is not None:
         rows = rows[keep.to(rows.device)]
-    flat = flat.to(embeddings.device, non_blocking=True)
+    flat = to_device(flat, embeddings.device)
     rows = rows.to(embeddings.dtype)
     if embeddings.is_contiguous():
         embeddings.view(seq * batch, hidden).index_copy_(0, flat, rows)

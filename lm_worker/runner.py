@@ -11,7 +11,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from torch import nn
 
 from lm_worker.errors import EngineError
 from lm_worker.image_insert_embedding import ImageInsertEmbedding
@@ -19,24 +18,7 @@ from lm_worker.model.backend import DecoderBackend
 from lm_worker.sampling import SamplingState, sample
 from proto import ImageForInsert
 
-__all__ = ["HostIdsEmbedding", "ModelRunner"]
-
-
-class HostIdsEmbedding(nn.Module):
-    """The decoder's word embedding, called with ids that live on the host.
-
-    ``ImageInsertEmbedding`` finds start tokens on a CPU copy of ``input_ids``; giving
-    it CPU ids and making the one host→device copy here saves a device→host sync per
-    newcomer on a GPU. Returns ``[S, B, H]`` as the fusion expects.
-    """
-
-    def __init__(self, embed_tokens: nn.Embedding) -> None:
-        super().__init__()
-        self.embed_tokens = embed_tokens
-
-    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None) -> torch.Tensor:
-        device = self.embed_tokens.weight.device
-        return self.embed_tokens(input_ids.to(device, non_blocking=True).t())  # [B, S] → [S, B, H]
+__all__ = ["ModelRunner"]
 
 
 class ModelRunner:
@@ -49,8 +31,8 @@ class ModelRunner:
     def embed(self, prompt_ids: list[int], images: Sequence[ImageForInsert]) -> torch.Tensor:
         """Fused ``[S, H]`` embedding of one sequence, on the model's device.
 
-        The ids stay on the CPU, where the fusion looks for start tokens; build the
-        fusion over :class:`HostIdsEmbedding` when the model is on a GPU.
+        The ids stay on the CPU, where the fusion looks for start tokens; it makes the
+        one host→device copy of them itself.
         """
         ids = torch.tensor([prompt_ids], dtype=torch.long)  # [1, S], host
         with torch.inference_mode():

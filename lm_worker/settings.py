@@ -15,7 +15,6 @@ import torch
 
 from lm_worker.image_insert_embedding import ImageInsertEmbedding
 from lm_worker.model import CheckpointError, DecoderConfig, Step37Decoder, load_lm
-from lm_worker.runner import HostIdsEmbedding
 from lm_worker.tokens import Step37Tokenizer
 
 __all__ = ["LMWorkerSettings", "LoadedModel", "load_model", "resolve_device", "resolve_dtype"]
@@ -122,7 +121,7 @@ def load_model(settings: LMWorkerSettings) -> LoadedModel:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the decoder only {config.vocab_size}")
     decoder.requires_grad_(False)
-    fusion = ImageInsertEmbedding(HostIdsEmbedding(decoder.embed_tokens), config.encoder_output_dim,
+    fusion = ImageInsertEmbedding(decoder.embed_tokens, config.encoder_output_dim,
                                   config.hidden_size, config.projector_bias,
                                   placeholder_token_id=tokenizer.ids.im_patch, strict=True)
     fusion.align_projector.load_state_dict(projector_state)

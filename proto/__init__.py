@@ -41,6 +41,7 @@ from proto.tensor import (
     dtype_name,
     tensor_from_wire,
     tensor_to_wire,
+    to_device,
 )
 
 __all__ = [
@@ -77,4 +78,5 @@ __all__ = [
     "new_request_id",
     "tensor_from_wire",
     "tensor_to_wire",
+    "to_device",
 ]

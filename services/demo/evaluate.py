@@ -19,6 +19,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import httpx
+import torch
 
 from services.demo.captions import score_captions
 from services.demo.scenes import generate_scene
@@ -35,6 +36,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--compare-in-process", action="store_true",
                         help="also caption in-process and count captions that differ")
+    parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (both paths use it)")
     parser.add_argument("--out", default=None, help="write the scores as JSON here")
 
 
@@ -61,18 +63,21 @@ def run(args: argparse.Namespace) -> int:
     rng = random.Random(args.seed)
     scenes = [generate_scene(rng.getrandbits(63)) for _ in range(args.scenes)]
     images = [_png(scene) for scene in scenes]
-    system = nullcontext(None) if args.url else Stack(StackConfig(model=args.model))
+    system = nullcontext(None) if args.url else Stack(StackConfig(model=args.model, device=args.device))
     started = time.perf_counter()
     with system as stack:
         url = args.url or stack.url
         served = asyncio.run(_caption_all(url, images, args.concurrency))
-    report: dict = {"url": args.url or "started on " + args.model, "scenes": args.scenes, "seed": args.seed,
+    report: dict = {"url": args.url or "started on " + args.model, "device": args.device,
+                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+                    "scenes": args.scenes, "seed": args.seed,
                     "seconds": round(time.perf_counter() - started, 1),
                     "decoupled": score_captions(served, scenes)}
     if args.compare_in_process:
         from services.demo.pipeline import InProcessCaptioner
 
-        local = InProcessCaptioner.from_pretrained(args.model, device="cpu").caption(images)
+        device = None if args.device == "auto" else args.device
+        local = InProcessCaptioner.from_pretrained(args.model, device=device).caption(images)
         report["in_process"] = score_captions(local, scenes)
         report["captions_differing"] = sum(a != b for a, b in zip(served, local, strict=True))
     print(json.dumps(report, indent=2))

@@ -20,6 +20,7 @@ from lm_worker.model.backend import LocalDecoderBackend
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.loading import load_lm
 from lm_worker.tokens import Step37Tokenizer
+from proto import to_device
 
 __all__ = ["DEFAULT_PROMPT", "InProcessCaptioner"]
 
@@ -61,7 +62,7 @@ class InProcessCaptioner:
     def encode(self, images: Sequence[ImageInput]) -> torch.Tensor:
         """Images → vision features ``[N, L, C]``."""
         weight = next(self.vision.parameters())
-        pixels = preprocess_batch(images, self.image_size).to(device=weight.device, dtype=weight.dtype)
+        pixels = to_device(preprocess_batch(images, self.image_size), weight.device)  # the tower casts
         features = self.vision(pixels)  # [N, L, C]
         if self.wire_dtype is not None:
             features = features.to(self.wire_dtype).to(features.dtype)

@@ -43,6 +43,7 @@ from encoder_server.errors import BadImage, ClientError  # noqa: E402
 from encoder_server.model import patch_grid, rope_cu_seqlens  # noqa: E402
 from encoder_server.preprocess import preprocess_batch  # noqa: E402
 from encoder_server.serving import EncoderSettings, load_model  # noqa: E402
+from proto import to_device  # noqa: E402
 from services.launcher import BUNDLED_MODEL  # noqa: E402
 
 logger = logging.getLogger("step37_vision")
@@ -138,7 +139,7 @@ class TritonPythonModel:
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] float32 -> [B, L, C] float16 on the CPU."""
         with torch.inference_mode():
-            features = self.model(pixels.to(self.device, non_blocking=True))  # [B, L, C]
+            features = self.model(to_device(pixels, self.device))  # [B, L, C]
             return features.to(torch.float16).cpu()
 
     def _response(self, features: torch.Tensor, size: tuple[int, int]):

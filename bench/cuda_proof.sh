@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# The CUDA checks, in one bounded run on a GPU machine: the GPU tests (bf16, pinned
+# copies, no host sync in the insert), then the benchmarks on the GPU, each under its
+# own time limit, all within BUDGET seconds (default 540), so one slow step cannot
+# starve the rest. Results land in bench/results/*-cuda.json (the card is in each
+# file's "machine") and, when a second argument is given, are copied there after each
+# step.
+#
+#     [BUDGET=540] [STEPS="insert lm-worker"] bash bench/cuda_proof.sh [LOG_DIR] [COPY_DIR]
+set -u
+cd "$(dirname "$0")/.."
+log_dir=${1:-bench/results}
+copy_dir=${2:-}
+mkdir -p "$log_dir" bench/results ${copy_dir:+"$copy_dir"}
+log="$log_dir/cuda-proof.log"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+py=${PYTHON:-python3}
+
+deadline=$((SECONDS + ${BUDGET:-540}))
+
+step() {  # step SECONDS NAME COMMAND...: run it, log it, note the exit status
+    local limit=$1 name=$2
+    shift 2
+    case " ${STEPS:-all} " in
+        *" all "* | *" $name "*) ;;
+        *) return ;;
+    esac
+    local left=$((deadline - SECONDS))
+    if [ "$left" -lt 20 ]; then
+        echo "=== $name: skipped, ${left}s of the budget left" | tee -a "$log"
+        return
+    fi
+    [ "$limit" -gt "$left" ] && limit=$left
+    echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
+    local started=$SECONDS
+    timeout "$limit" "$@" 2>&1 | tee -a "$log"
+    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$log"
+    if [ -n "$copy_dir" ]; then
+        cp bench/results/*-cuda.json bench/results/*-cuda.png "$copy_dir"/ 2>/dev/null
+    fi
+}
+
+touch "$log"
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
+"$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+    2>&1 | tee -a "$log"
+step 180 gpu-tests "$py" -m pytest tests/gpu -q -rA -p no:cacheprovider
+step 60 insert "$py" bench/insert.py --dtype bfloat16 --rounds 21
+step 150 eval-demo "$py" -m services.cli eval-demo --scenes 500 --compare-in-process --device cuda \
+    --out bench/results/eval-demo-cuda.json
+step 200 lm-worker "$py" bench/lm_worker.py --device cuda --rounds 2
+step 120 encoder "$py" bench/encoder.py --requests 128 --rounds 3
+step 180 e2e "$py" bench/e2e.py --rounds 1 --requests 64 --device cuda

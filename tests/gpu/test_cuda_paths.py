@@ -1,0 +1,194 @@
+"""The CUDA paths: bf16 on the GPU, pinned asynchronous copies, no host sync in the insert.
+
+Run where a CUDA device is present (``python -m pytest tests/gpu``); on a machine
+without one every test here is skipped. Each check that could pass vacuously has a
+positive control beside it (a sync the debug mode must catch, a pageable copy the
+profiler must name).
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from torch import nn
+from torch.profiler import ProfilerActivity, profile
+
+from lm_worker import ImageForInsert, ImageInsertEmbedding
+from proto import to_device
+from services.demo.captions import score_captions
+from services.demo.pipeline import InProcessCaptioner
+from services.demo.scenes import generate_scene
+from services.launcher import BUNDLED_MODEL
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+CUDA = torch.device("cuda")
+IM_START, IM_PATCH, IM_END = 1, 2, 3
+VOCAB, HIDDEN, ENC_DIM, TOKENS = 512, 256, 384, 49
+
+
+def make_ids(batch: int, seq: int, images_per_row: int, gen: torch.Generator) -> torch.Tensor:
+    """[B, S] host ids with ``images_per_row`` blocks of ``TOKENS`` placeholders per row."""
+    ids = torch.randint(10, VOCAB, (batch, seq), generator=gen)
+    stride = seq // images_per_row
+    for row in range(batch):
+        for k in range(images_per_row):
+            pos = k * stride + 3
+            ids[row, pos] = IM_START
+            ids[row, pos + 1 : pos + 1 + TOKENS] = IM_PATCH
+            ids[row, pos + 1 + TOKENS] = IM_END
+    return ids
+
+
+def make_module(seed: int) -> ImageInsertEmbedding:
+    torch.manual_seed(seed)
+    return ImageInsertEmbedding(nn.Embedding(VOCAB, HIDDEN), ENC_DIM, HIDDEN, placeholder_token_id=IM_PATCH)
+
+
+def move(module: ImageInsertEmbedding, device: torch.device, dtype: torch.dtype) -> ImageInsertEmbedding:
+    module.language_embedding.to(device, dtype)  # borrowed: .to() on the fusion leaves it behind
+    return module.to(device, dtype)
+
+
+def wire_features(count: int, seed: int) -> torch.Tensor:
+    """Features as they come off the wire: bf16, on the host, in pageable memory."""
+    return torch.randn(count, TOKENS, ENC_DIM, generator=torch.Generator().manual_seed(seed)).bfloat16()
+
+
+def per_image_reference(module: ImageInsertEmbedding, ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+    """The seed's loop, on whatever device the module is: embed, then image by image."""
+    weight = module.align_projector.weight
+    emb = module.language_embedding(ids.to(weight.device).t()).clone()  # [S, B, H]
+    starts = (ids == IM_START).nonzero().tolist()  # row-major
+    for block, (b, s) in zip(features, starts, strict=True):
+        emb[s + 1 : s + 1 + TOKENS, b] = module.align_projector(block.to(weight.device, weight.dtype))
+    return emb
+
+
+def htod_copies(fn) -> list[str]:
+    """Names of the host→device copies the CUDA profiler saw while ``fn`` ran."""
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    return [event.name for event in prof.events() if "HtoD" in event.name]
+
+
+def test_bf16_insert_on_cuda_matches_the_fp32_loop_on_the_host():
+    gen = torch.Generator().manual_seed(1)
+    ids = make_ids(batch=3, seq=400, images_per_row=2, gen=gen)
+    features = wire_features(6, seed=2)
+    reference = per_image_reference(make_module(0), ids, features)  # fp32, CPU
+    module = move(make_module(0), CUDA, torch.bfloat16)
+    with torch.inference_mode():
+        fused = module(ids, [ImageForInsert(IM_START, image_features=features)])
+    assert fused.device.type == "cuda" and fused.dtype == torch.bfloat16
+    assert fused.shape == (400, 3, HIDDEN)
+    fused = fused.float().cpu()
+    image_rows = (ids == IM_PATCH).t()  # [S, B]
+    # Text rows are a gather of the bf16 embedding: exactly the rounded fp32 rows.
+    assert torch.equal(fused[~image_rows], reference[~image_rows].bfloat16().float())
+    # Image rows are a bf16 matmul with fp32 accumulation: within bf16 rounding.
+    torch.testing.assert_close(fused[image_rows], reference[image_rows], rtol=2e-2, atol=3e-2)
+
+
+def test_cuda_insert_is_bit_identical_to_the_loop_with_the_same_projection():
+    gen = torch.Generator().manual_seed(3)
+    ids = make_ids(batch=4, seq=256, images_per_row=3, gen=gen)
+    features = wire_features(12, seed=4)
+    module = move(make_module(5), CUDA, torch.bfloat16)
+    with torch.inference_mode():
+        fused = module(ids, [ImageForInsert(IM_START, image_features=features)])
+        projected = module.align_projector(features.to(CUDA).reshape(-1, ENC_DIM).bfloat16())
+        expected = module.language_embedding(ids.to(CUDA).t()).clone()
+        for i, (b, s) in enumerate((ids == IM_START).nonzero().tolist()):
+            expected[s + 1 : s + 1 + TOKENS, b] = projected[i * TOKENS : (i + 1) * TOKENS]
+    assert torch.equal(fused, expected)
+
+
+def test_the_sync_debug_mode_catches_a_host_sync():
+    # Positive control for the next test: the mode is live and raises on a sync.
+    probe = torch.ones(4, device=CUDA)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            probe.nonzero()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+def served_case(seed: int) -> tuple[torch.Tensor, ImageForInsert, ImageInsertEmbedding]:
+    """What the LM worker hands the fusion: host ids, bf16 host features, a bf16 GPU module."""
+    ids = make_ids(batch=2, seq=300, images_per_row=2, gen=torch.Generator().manual_seed(seed))
+    item = ImageForInsert(IM_START, image_features=wire_features(4, seed=seed + 1))
+    return ids, item, move(make_module(seed + 2), CUDA, torch.bfloat16)
+
+
+def test_insert_makes_no_host_sync():
+    ids, item, module = served_case(6)
+    with torch.inference_mode():
+        module(ids, [item])  # warm: first-call allocations are not the point
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            fused = module(ids, [item])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    reference = per_image_reference(module, ids, item.image_features)
+    torch.testing.assert_close(fused, reference, rtol=2e-2, atol=3e-2)
+
+
+def test_the_profiler_names_a_pageable_copy():
+    # Positive control for the next test: a plain .to() of pageable memory is seen as such.
+    host = torch.randn(1 << 16)
+    names = htod_copies(lambda: host.to(CUDA))
+    assert names and any("Pageable" in name for name in names), names
+
+
+def test_insert_copies_features_and_indices_from_pinned_memory():
+    ids, item, module = served_case(9)
+    with torch.inference_mode():
+        names = htod_copies(lambda: module(ids, [item]))
+    assert len(names) >= 2, names  # the feature rows and the scatter indices
+    assert not [name for name in names if "Pageable" in name], names
+
+
+def test_to_device_copies_in_the_source_dtype_then_casts_on_the_gpu():
+    host = torch.randn(64, 96).bfloat16()
+    with torch.inference_mode():
+        names = htod_copies(lambda: to_device(host, CUDA, torch.float32))
+        moved = to_device(host, CUDA, torch.float32)
+    assert moved.device.type == "cuda" and moved.dtype == torch.float32
+    assert torch.equal(moved.cpu(), host.float())
+    assert names and not [name for name in names if "Pageable" in name], names
+    assert not host.is_pinned()  # the caller's tensor is left as it was
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    rng = random.Random(20_261_126)
+    return [generate_scene(rng.getrandbits(63)) for _ in range(64)]
+
+
+def test_bundled_tower_in_bf16_on_cuda_matches_fp32_on_the_host(scenes):
+    images = [scene.image for scene in scenes[:16]]
+    on_gpu = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cuda", wire_dtype=None)
+    on_host = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cpu", wire_dtype=None)
+    assert next(on_gpu.vision.parameters()).dtype == torch.bfloat16  # the GPU default
+    gpu = on_gpu.encode(images).float().cpu()
+    host = on_host.encode(images)
+    cosine = nn.functional.cosine_similarity(gpu, host, dim=-1)  # [N, L]
+    assert cosine.min() > 0.99, cosine.min()
+
+
+def test_bundled_model_captions_on_cuda_as_well_as_on_the_host(scenes):
+    images = [scene.image for scene in scenes]
+    gpu = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cuda").caption(images)
+    host = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cpu").caption(images)
+    gpu_scores, host_scores = score_captions(gpu, scenes), score_captions(host, scenes)
+    assert gpu_scores["exact_match"] >= 0.85, gpu_scores
+    assert gpu_scores["exact_match"] >= host_scores["exact_match"] - 0.05, (gpu_scores, host_scores)
+    agree = sum(a == b for a, b in zip(gpu, host, strict=True)) / len(scenes)
+    assert agree >= 0.9, agree
