@@ -26,6 +26,7 @@ __all__ = [
     "CLIP_STD",
     "ImageInput",
     "ImageLimits",
+    "check_pixels",
     "decode_image",
     "preprocess_batch",
     "preprocess_image",
@@ -178,6 +179,29 @@ def preprocess_image(
         unit_range = np.asarray(resized, dtype=np.float32) / 255.0  # [S, S, 3]
     normalised = (unit_range - _MEAN) / _STD  # [S, S, 3]
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))  # [3, S, S]
+
+
+def check_pixels(pixels: torch.Tensor, patch_size: int, limits: ImageLimits = DEFAULT_LIMITS, *,
+                 field: str = "pixels") -> torch.Tensor:
+    """Already-preprocessed pixels from a client: checked, as contiguous float32 [N, 3, H, W].
+
+    They skip decoding and resizing, so everything the model relies on is checked here:
+    the layout, sides that are multiples of the patch size, the size limits, a floating
+    dtype (CLIP-normalised values, not raw bytes) and finite values.
+    """
+    if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
+        raise BadImage(field, f"expected [N, 3, H, W] with N >= 1, got {list(pixels.shape)}")
+    height, width = int(pixels.shape[2]), int(pixels.shape[3])
+    if height == 0 or width == 0 or height % patch_size or width % patch_size:
+        raise BadImage(field, f"H and W must be positive multiples of the patch size {patch_size}, "
+                       f"got {height}x{width}")
+    limits.check(width, height, field)
+    if not pixels.is_floating_point():
+        raise BadImage(field, f"expected CLIP-normalised floats, got {pixels.dtype}")
+    pixels = pixels.to(torch.float32).contiguous()
+    if not bool(torch.isfinite(pixels).all()):
+        raise BadImage(field, "pixels hold NaN or infinite values")
+    return pixels
 
 
 def _resize_tensor(tensor: torch.Tensor, size: int, field: str, limits: ImageLimits) -> np.ndarray:

@@ -22,7 +22,6 @@ import torch
 
 from encoder_server.batcher import Batcher, BatcherConfig, DynamicBatcher
 from encoder_server.errors import (
-    BadImage,
     EncoderError,
     InvalidRequest,
     NotReady,
@@ -36,7 +35,7 @@ from encoder_server.model import (
     load_vision_model,
     rope_cu_seqlens,
 )
-from encoder_server.preprocess import ImageLimits, preprocess_batch
+from encoder_server.preprocess import ImageLimits, check_pixels, preprocess_batch
 from proto import (
     FEATURE_DTYPES,
     EncodeRequest,
@@ -240,21 +239,7 @@ class EncoderService:
         if request.pixels is None:
             return preprocess_batch(request.images, self.config.image_size, field="images",
                                     limits=self.image_limits)
-        pixels = request.pixels
-        patch = self.config.patch_size
-        if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
-            raise BadImage("pixels", f"expected [N, 3, H, W] with N >= 1, got {list(pixels.shape)}")
-        height, width = int(pixels.shape[2]), int(pixels.shape[3])
-        if height == 0 or width == 0 or height % patch or width % patch:
-            raise BadImage("pixels", f"H and W must be positive multiples of the patch size {patch}, "
-                           f"got {height}x{width}")
-        self.image_limits.check(width, height, "pixels")
-        if not pixels.is_floating_point():
-            raise BadImage("pixels", f"expected CLIP-normalised floats, got {pixels.dtype}")
-        pixels = pixels.to(torch.float32).contiguous()
-        if not bool(torch.isfinite(pixels).all()):
-            raise BadImage("pixels", "pixels hold NaN or infinite values")
-        return pixels
+        return check_pixels(request.pixels, self.config.patch_size, self.image_limits)
 
     def _package(self, features: torch.Tensor, size: tuple[int, int], dtype: torch.dtype) -> ImageForInsert:
         """Pool thread: cast to the wire dtype and attach the RoPE offsets of the patch grid."""

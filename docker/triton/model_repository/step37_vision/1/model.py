@@ -40,8 +40,8 @@ import torch  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
 
 from encoder_server.errors import BadImage, ClientError  # noqa: E402
-from encoder_server.model import patch_grid, rope_cu_seqlens  # noqa: E402
-from encoder_server.preprocess import preprocess_batch  # noqa: E402
+from encoder_server.model import rope_cu_seqlens  # noqa: E402
+from encoder_server.preprocess import check_pixels, preprocess_batch  # noqa: E402
 from encoder_server.serving import EncoderSettings, load_model  # noqa: E402
 from proto import to_device  # noqa: E402
 from services.launcher import BUNDLED_MODEL  # noqa: E402
@@ -126,15 +126,7 @@ class TritonPythonModel:
             encoded = [bytes(item) for item in image.as_numpy().reshape(-1)]  # [n, 1] -> n files
             return preprocess_batch(encoded, self.config.image_size, field="IMAGE", limits=self.image_limits)
         pixels = torch.from_numpy(given.as_numpy())  # [n, 3, H, W]; Triton checked dtype and rank
-        height, width = int(pixels.shape[2]), int(pixels.shape[3])
-        try:
-            patch_grid(height, width, self.config.patch_size)
-        except ValueError as exc:
-            raise BadImage("PIXELS", str(exc)) from exc
-        self.image_limits.check(width, height, "PIXELS")
-        if not bool(torch.isfinite(pixels).all()):
-            raise BadImage("PIXELS", "pixels hold NaN or infinite values")
-        return pixels
+        return check_pixels(pixels, self.config.patch_size, self.image_limits, field="PIXELS")
 
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """[B, 3, H, W] float32 -> [B, L, C] float16 on the CPU."""
