@@ -78,11 +78,14 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: 
     }
 
 
-def write_result(name: str, payload: dict[str, object]) -> Path:
+def write_result(name: str, payload: dict[str, object], device: str | torch.device | None = None) -> Path:
+    """``bench/results/{name}-{cuda|cpu}.json``: the suffix names the device the run used
+    (``device``; by default the GPU when there is one, as the services pick)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
     payload = {"benchmark": name, "git_revision": git_revision(), "machine": machine_info(),
                "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **payload}
-    suffix = "cuda" if torch.cuda.is_available() else "cpu"
+    on_gpu = torch.cuda.is_available() if device is None else torch.device(device).type == "cuda"
+    suffix = "cuda" if on_gpu else "cpu"
     path = RESULTS_DIR / f"{name}-{suffix}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path

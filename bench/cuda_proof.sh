@@ -4,7 +4,7 @@
 # own time limit, all within BUDGET seconds (default 540), so one slow step cannot
 # starve the rest. Results land in bench/results/*-cuda.json (the card is in each
 # file's "machine") and, when a second argument is given, are copied there after each
-# step.
+# step. Exits non-zero when any step failed or ran out of time.
 #
 #     [BUDGET=540] [STEPS="insert lm-worker"] bash bench/cuda_proof.sh [LOG_DIR] [COPY_DIR]
 set -u
@@ -17,6 +17,8 @@ export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 py=${PYTHON:-python3}
 
 deadline=$((SECONDS + ${BUDGET:-540}))
+failed=0
+started_marker=$(mktemp)  # only results written by this run are copied
 
 step() {  # step SECONDS NAME COMMAND...: run it, log it, note the exit status
     local limit=$1 name=$2
@@ -28,19 +30,25 @@ step() {  # step SECONDS NAME COMMAND...: run it, log it, note the exit status
     local left=$((deadline - SECONDS))
     if [ "$left" -lt 20 ]; then
         echo "=== $name: skipped, ${left}s of the budget left" | tee -a "$log"
+        failed=1
         return
     fi
     [ "$limit" -gt "$left" ] && limit=$left
     echo "=== $name ($(date -u +%T), limit ${limit}s): $*" | tee -a "$log"
     local started=$SECONDS
-    timeout "$limit" "$@" 2>&1 | tee -a "$log"
-    echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - started))s" | tee -a "$log"
+    # SIGINT, not SIGTERM: the benchmarks stop the services they started on KeyboardInterrupt.
+    timeout -s INT -k 30 "$limit" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "=== $name: exit $rc after $((SECONDS - started))s" | tee -a "$log"
+    [ "$rc" -ne 0 ] && failed=1
     if [ -n "$copy_dir" ]; then
-        cp bench/results/*-cuda.json bench/results/*-cuda.png "$copy_dir"/ 2>/dev/null
+        find bench/results -maxdepth 1 -name '*-cuda.*' -newer "$started_marker" -exec cp {} "$copy_dir"/ \;
     fi
 }
 
-touch "$log"
+: >"$log"
+echo "git $(git rev-parse --short HEAD 2>/dev/null)$(git status --porcelain --untracked-files=no 2>/dev/null | grep -q . && echo -dirty)" \
+    | tee -a "$log"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee -a "$log"
 "$py" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
     2>&1 | tee -a "$log"
@@ -51,3 +59,5 @@ step 150 eval-demo "$py" -m services.cli eval-demo --scenes 500 --compare-in-pro
 step 200 lm-worker "$py" bench/lm_worker.py --device cuda --rounds 2
 step 120 encoder "$py" bench/encoder.py --requests 128 --rounds 3
 step 180 e2e "$py" bench/e2e.py --rounds 1 --requests 64 --device cuda
+rm -f "$started_marker"
+exit "$failed"

@@ -29,6 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result
+from encoder_server.model import resolve_device
 from services.demo.pipeline import InProcessCaptioner
 from services.launcher import BUNDLED_MODEL, Stack, StackConfig
 from services.loadtest.images import GeneratedImages
@@ -79,10 +80,11 @@ def main() -> None:
     levels = [int(c) for c in args.concurrency.split(",")]
 
     torch.set_num_threads(os.cpu_count() or 1)
-    captioner = InProcessCaptioner.from_pretrained(args.model, device=None if args.device == "auto" else args.device)
+    device = resolve_device(None if args.device == "auto" else args.device)
+    captioner = InProcessCaptioner.from_pretrained(args.model, device=str(device))
     samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
                                                  for v in ("decoupled", "monolithic", "decoupled_reuse50")}
-    with Stack(StackConfig(model=args.model, device=args.device, log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
+    with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
         for round_index in range(args.rounds):
             for concurrency in levels:
                 seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points
@@ -131,7 +133,7 @@ def main() -> None:
     wire_ms = sum(stage_means.get(stage, 0.0) for stage in WIRE_STAGES)
     latency_c1 = table[levels[0]]["decoupled"]["mean_ms"]
     payload = {
-        "config": vars(args),
+        "config": vars(args) | {"device": str(device)},
         "table": {str(c): row for c, row in table.items()},
         "stage_means_ms_at_lowest_concurrency": stage_means,
         "wire_overhead_ms_at_lowest_concurrency": wire_ms,
@@ -140,7 +142,7 @@ def main() -> None:
         "targets": {"wire_overhead_fraction_at_c1": "<= 0.05", "throughput_ratio_at_c16": ">= 0.9",
                     "reuse50_mean_latency_cut": ">= 0.30"},
     }
-    path = write_result("e2e", payload)
+    path = write_result("e2e", payload, device)
     write_plot(table, path.with_suffix(".png"))
     print(f"\n{'c':>3} {'variant':<18} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for c, row in table.items():

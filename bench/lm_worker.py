@@ -132,7 +132,7 @@ def main() -> None:
             svc.stop()
 
     speedup_16 = results["concurrency_16"]["speedup"]
-    path = write_result("lm_worker", {
+    path = write_result("lm_worker", device=args.device, payload={
         "config": vars(args) | {"preset": "step37-tiny", "total_new_tokens": total_tokens,
                                 "torch_threads_used": torch.get_num_threads()},
         # The development machines are shared: a busy neighbour shows up here.

@@ -102,14 +102,15 @@ def tensor_to_wire(tensor: torch.Tensor) -> dict[str, Any]:
 
 def to_device(tensor: torch.Tensor, device: torch.device | str,
               dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``tensor`` on ``device`` (then cast to ``dtype``) without making the host wait.
+    """``tensor`` on ``device`` (then cast to ``dtype``), the host→GPU copy asynchronous.
 
     A host→GPU copy from pageable memory goes through a driver staging buffer and may
     block; from page-locked memory it is an asynchronous DMA. So a CPU tensor bound for
-    a GPU is pinned first (the one host copy the pageable path would make anyway),
-    copied in its own dtype, then cast on the GPU: ``.to(device, dtype)`` in one call
-    would cast on the host into fresh pageable memory and send twice the bytes of a
-    bf16 source.
+    a GPU is first copied into pinned memory on the host (the one host copy the
+    pageable path would make anyway), sent in its own dtype, then cast on the GPU:
+    ``.to(device, dtype)`` in one call would cast on the host into fresh pageable memory
+    and send twice the bytes of a bf16 source. A tensor that is already pinned is sent
+    as it is: the caller must not modify it until the GPU's stream has read it.
     """
     device = torch.device(device)
     if device.type == "cuda" and tensor.device.type == "cpu":

@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 import torch
 
+from encoder_server.model import resolve_device
 from services.demo.captions import score_captions
 from services.demo.scenes import generate_scene
 from services.launcher import BUNDLED_MODEL, Stack, StackConfig
@@ -68,16 +69,17 @@ def run(args: argparse.Namespace) -> int:
     with system as stack:
         url = args.url or stack.url
         served = asyncio.run(_caption_all(url, images, args.concurrency))
-    report: dict = {"url": args.url or "started on " + args.model, "device": args.device,
-                    "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    used = resolve_device(None if args.device == "auto" else args.device)
+    report: dict = {"url": args.url or "started on " + args.model,
+                    "device": None if args.url else str(used),  # a running system's device is its own
+                    "cuda": torch.cuda.get_device_name(used) if used.type == "cuda" else None,
                     "scenes": args.scenes, "seed": args.seed,
                     "seconds": round(time.perf_counter() - started, 1),
                     "decoupled": score_captions(served, scenes)}
     if args.compare_in_process:
         from services.demo.pipeline import InProcessCaptioner
 
-        device = None if args.device == "auto" else args.device
-        local = InProcessCaptioner.from_pretrained(args.model, device=device).caption(images)
+        local = InProcessCaptioner.from_pretrained(args.model, device=str(used)).caption(images)
         report["in_process"] = score_captions(local, scenes)
         report["captions_differing"] = sum(a != b for a, b in zip(served, local, strict=True))
     print(json.dumps(report, indent=2))

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import argparse
 import base64
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
 
+from services.demo import evaluate
 from services.demo.captions import score_captions
 from services.demo.scenes import generate_scene
 
@@ -96,6 +99,21 @@ def test_repeated_image_is_served_from_the_cache(stack):
     assert second["captions"] == first["captions"]
     gateway_metrics = httpx.get(f"{stack.url}/metrics").text
     assert metric_value(gateway_metrics, "step37_gateway_cache_hits_total") >= 1
+
+
+def test_eval_demo_scores_a_running_system_against_the_in_process_pipeline(stack, tmp_path):
+    parser = argparse.ArgumentParser()
+    evaluate.add_arguments(parser)
+    out = tmp_path / "eval.json"
+    args = parser.parse_args(["--url", stack.url, "--scenes", "8", "--seed", "31", "--compare-in-process",
+                              "--device", "cpu", "--out", str(out)])
+    assert evaluate.run(args) == 0
+    report = json.loads(out.read_text())
+    assert report["scenes"] == 8 and report["url"] == stack.url
+    assert report["device"] is None and report["cuda"] is None  # a running system's device is its own
+    assert report["captions_differing"] == 0
+    assert report["decoupled"] == report["in_process"]
+    assert report["decoupled"]["exact_match"] >= 0.5
 
 
 def test_killing_an_encoder_replica_loses_no_request(stack):

@@ -180,7 +180,7 @@ def test_bundled_tower_in_bf16_on_cuda_matches_fp32_on_the_host(scenes):
     gpu = on_gpu.encode(images).float().cpu()
     host = on_host.encode(images)
     cosine = nn.functional.cosine_similarity(gpu, host, dim=-1)  # [N, L]
-    assert cosine.min() > 0.99, cosine.min()
+    assert cosine.min() > 0.98 and cosine.mean() > 0.99, (cosine.min(), cosine.mean())
 
 
 def test_bundled_model_captions_on_cuda_as_well_as_on_the_host(scenes):
