@@ -98,7 +98,7 @@ def lm_worker_flags(config: dict) -> str:
 def _on_gpu(result: dict) -> bool:
     """Whether the run used the GPU (older CPU results name no device)."""
     device = str(result.get("config", {}).get("device") or result.get("device") or "cpu")
-    return bool(result["machine"].get("cuda")) and device.startswith(("cuda", "auto"))
+    return bool(result["machine"].get("cuda")) and device.startswith("cuda")
 
 
 def e2e(result: dict) -> list[str]:

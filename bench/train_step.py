@@ -19,14 +19,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
 from bench.encoder import matmul_flops
 from encoder_server.model import VisionConfig, flops_per_image
-from lm_worker.image_insert_embedding import ImageForInsert
 from services.demo import train
 
 PHASES = ("data", "vision_forward", "fusion_and_decoder_forward", "backward", "optimizer")
@@ -48,10 +46,7 @@ def time_steps(args: argparse.Namespace, out: Path) -> dict[str, float]:
         marks.append(time.perf_counter())
         features = vision(pixels)  # [B, L, C]
         marks.append(time.perf_counter())
-        fused = fusion(input_ids, [ImageForInsert(tokenizer.ids.im_start, image_features=features)])
-        logits = decoder(fused)  # [S, B, V]
-        loss = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=train.IGNORE)
+        loss = train.caption_loss(fusion, decoder, tokenizer.ids.im_start, features, input_ids, labels)
         marks.append(time.perf_counter())
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

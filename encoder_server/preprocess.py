@@ -19,6 +19,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from encoder_server.errors import BadImage, ImageTooLarge
+from encoder_server.model.geometry import patch_grid
 
 __all__ = [
     "ALLOWED_FORMATS",
@@ -192,9 +193,10 @@ def check_pixels(pixels: torch.Tensor, patch_size: int, limits: ImageLimits = DE
     if pixels.dim() != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
         raise BadImage(field, f"expected [N, 3, H, W] with N >= 1, got {list(pixels.shape)}")
     height, width = int(pixels.shape[2]), int(pixels.shape[3])
-    if height == 0 or width == 0 or height % patch_size or width % patch_size:
-        raise BadImage(field, f"H and W must be positive multiples of the patch size {patch_size}, "
-                       f"got {height}x{width}")
+    try:
+        patch_grid(height, width, patch_size)
+    except ValueError as exc:
+        raise BadImage(field, str(exc)) from exc
     limits.check(width, height, field)
     if not pixels.is_floating_point():
         raise BadImage(field, f"expected CLIP-normalised floats, got {pixels.dtype}")

@@ -179,6 +179,15 @@ def learning_rate(step: int, args: argparse.Namespace) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
+def caption_loss(fusion: ImageInsertEmbedding, decoder: Step37Decoder, im_start: int, features: torch.Tensor,
+                 input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token loss on the caption tokens of a batch whose tower features are computed."""
+    fused = fusion(input_ids, [ImageForInsert(im_start, image_features=features)])  # [S, B, H]
+    logits = decoder(fused)  # [S, B, V]
+    return F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE)
+
+
 def evaluate(captioner: InProcessCaptioner, count: int, seed: int, image_size: int) -> dict[str, float]:
     rng = random.Random(seed)
     scenes = [generate_scene(rng.getrandbits(63), image_size) for _ in range(count)]
@@ -234,10 +243,7 @@ def run(args: argparse.Namespace) -> int:
         pixels, input_ids, labels = next(stream)
         set_learning_rate(optimizer, learning_rate(step, args))
         features = vision(pixels)  # [B, L, C]
-        fused = fusion(input_ids, [ImageForInsert(tokenizer.ids.im_start, image_features=features)])  # [S, B, H]
-        logits = decoder(fused)  # [S, B, V]
-        loss = F.cross_entropy(logits.transpose(0, 1).reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                               ignore_index=IGNORE)
+        loss = caption_loss(fusion, decoder, tokenizer.ids.im_start, features, input_ids, labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

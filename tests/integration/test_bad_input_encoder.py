@@ -254,7 +254,7 @@ NATIVE: dict[str, Native] = {
                                   "expected [N, 3, H, W]"),
     "pixels of no image": Native(packed(pixels=pixels([0, 3, 14, 14])), MSGPACK, 400, "pixels", "N >= 1"),
     "pixels off the patch grid": Native(packed(pixels=pixels([1, 3, 10, 10])), MSGPACK, 400, "pixels",
-                                        "multiples of the patch size"),
+                                        "multiples of patch_size"),
     "pixels holding NaN": Native(packed(pixels=pixels(GRID, data=NAN)), MSGPACK, 400, "pixels", "NaN"),
     "pixels holding Inf": Native(packed(pixels=pixels(GRID, data=INF)), MSGPACK, 400, "pixels", "infinite"),
     "pixels shape not a list": Native(packed(pixels=pixels(GRID) | {"shape": "1x3x14x14"}), MSGPACK, 400,
@@ -422,7 +422,7 @@ KSERVE: dict[str, Infer] = {
     "pixels enormous shape": binary_pixels([1, 3, 2**40, 2**40], 0, b"", "PIXELS.parameters.binary_data_size",
                                            "needs"),
     "pixels off the patch grid": binary_pixels([1, 3, 10, 10], 1200, b"\0" * 1200, "pixels",
-                                               "multiples of the patch size"),
+                                               "multiples of patch_size"),
     # -- outputs and parameters --
     "outputs not a list": one_image("outputs", "must be a list", outputs="IMAGE_FEATURES"),
     "unknown output": one_image("outputs", "unexpected inference output 'LOGITS'", outputs=[{"name": "LOGITS"}]),

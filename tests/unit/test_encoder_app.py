@@ -176,7 +176,7 @@ BAD_NATIVE = {
                                "pixels", "expected [N, 3, H, W]"),
     "pixels off the patch grid": ({"content-type": proto.CONTENT_TYPE},
                                   proto.encode(proto.EncodeRequest(pixels=torch.zeros(1, 3, 50, 50))),
-                                  400, "pixels", "multiples of the patch size"),
+                                  400, "pixels", "multiples of patch_size"),
     "gzip inflating past the limit": ({"content-type": "image/jpeg", "content-encoding": "gzip"},
                                       gzip.compress(b"\0" * (1024 * 1024)), 413, "body", "inflated"),
 }

@@ -151,7 +151,7 @@ def test_a_batch_of_requests_runs_as_one_forward_and_equals_the_encoder(triton_m
 
 @pytest.mark.parametrize(("inputs", "message"), [
     ({}, "exactly one of the inputs IMAGE, PIXELS"),
-    ({"PIXELS": np.zeros((1, 3, 50, 70), np.float32)}, "multiples of the patch size 14"),
+    ({"PIXELS": np.zeros((1, 3, 50, 70), np.float32)}, "multiples of patch_size 14"),
     ({"PIXELS": np.full((1, 3, 14, 14), np.nan, np.float32)}, "NaN"),
 ])
 def test_a_bad_request_fails_alone_with_invalid_arg(triton_model, inputs, message) -> None:
