@@ -242,12 +242,16 @@ def _sample_background(rng: random.Random, side: int) -> _Background:
     return _Background(first, second, style, split)  # type: ignore[arg-type]
 
 
-def _draw_background(draw: ImageDraw.ImageDraw, background: _Background, side: int) -> None:
-    draw.rectangle((0, 0, side, side), fill=background.first)
-    if background.style == "horizontal":  # top and bottom halves differ
-        draw.rectangle((0, background.split, side, side), fill=background.second)
-    elif background.style == "vertical":
-        draw.rectangle((background.split, 0, side, side), fill=background.second)
+def _draw_background(draw: ImageDraw.ImageDraw, background: _Background, side: int,
+                     box: tuple[int, int, int, int] | None = None) -> None:
+    """The background of the ``side``-pixel supersampled canvas, or only of its pixels in
+    ``box`` = ``(left, top, right, bottom)`` (right and bottom exclusive)."""
+    left, top, right, bottom = box or (0, 0, side, side)
+    draw.rectangle((left, top, right - 1, bottom - 1), fill=background.first)
+    if background.style == "horizontal" and max(top, background.split) < bottom:  # rows past the split
+        draw.rectangle((left, max(top, background.split), right - 1, bottom - 1), fill=background.second)
+    elif background.style == "vertical" and max(left, background.split) < right:  # columns past it
+        draw.rectangle((max(left, background.split), top, right - 1, bottom - 1), fill=background.second)
 
 
 def _downsampled_background(background: _Background, image_size: int) -> np.ndarray:
@@ -274,26 +278,33 @@ def _draw_object(draw: ImageDraw.ImageDraw, layout: ObjectLayout, scale: int) ->
         draw.ellipse([coordinate * scale for coordinate in layout.bbox], fill=layout.rgb)
 
 
-def _render(layout: list[ObjectLayout], background: _Background, image_size: int) -> Image.Image:
-    """The scene drawn at ``_SUPERSAMPLE`` times the size and box-downsampled.
+def _render(layout: list[ObjectLayout], background: _Background, image_size: int) -> np.ndarray:
+    """The scene drawn at ``_SUPERSAMPLE`` times the size and box-downsampled: [S, S, 3] uint8.
 
     Each output pixel is the mean of its own block of supersampled pixels, so only the
-    blocks around the objects are downsampled; the rest of the image is the downsampled
-    background, computed directly. The same pixels as downsampling the whole canvas
+    blocks around the objects get a background on the canvas and are downsampled; the
+    rest of the image is the downsampled background, computed directly. The objects are
+    drawn at their place on the full canvas (Pillow's polygon edges are not exactly the
+    same when shifted). The same pixels as drawing and downsampling the whole canvas
     (``tests/unit/test_scenes.py`` compares)."""
-    canvas = Image.new("RGB", (image_size * _SUPERSAMPLE,) * 2)
-    draw = ImageDraw.Draw(canvas)
-    _draw_background(draw, background, image_size * _SUPERSAMPLE)
-    for placed in layout:
-        _draw_object(draw, placed, _SUPERSAMPLE)
-    pixels = _downsampled_background(background, image_size).copy()  # [S, S, 3]
+    blocks = []
     for placed in layout:
         x0, y0, x1, y1 = placed.bbox
         left, top = max(0, math.floor(x0) - 1), max(0, math.floor(y0) - 1)
         right, bottom = min(image_size, math.ceil(x1) + 2), min(image_size, math.ceil(y1) + 2)
-        block = canvas.crop(tuple(edge * _SUPERSAMPLE for edge in (left, top, right, bottom)))
-        pixels[top:bottom, left:right] = np.asarray(block.resize((right - left, bottom - top), Image.Resampling.BOX))
-    return Image.fromarray(pixels, "RGB")
+        blocks.append((left, top, right, bottom))
+    side = image_size * _SUPERSAMPLE
+    canvas = Image.new("RGB", (side, side))
+    draw = ImageDraw.Draw(canvas)
+    for block in blocks:
+        _draw_background(draw, background, side, tuple(edge * _SUPERSAMPLE for edge in block))
+    for placed in layout:
+        _draw_object(draw, placed, _SUPERSAMPLE)
+    pixels = _downsampled_background(background, image_size).copy()  # [S, S, 3]
+    for left, top, right, bottom in blocks:
+        crop = canvas.crop(tuple(edge * _SUPERSAMPLE for edge in (left, top, right, bottom)))
+        pixels[top:bottom, left:right] = np.asarray(crop.resize((right - left, bottom - top), Image.Resampling.BOX))
+    return pixels
 
 
 def generate_scene(seed: int, image_size: int = 224) -> Scene:
@@ -304,15 +315,17 @@ def generate_scene(seed: int, image_size: int = 224) -> Scene:
     objects = _sample_objects(rng)
     layout = [_lay_out(obj, rng, image_size) for obj in objects]
     background = _sample_background(rng, image_size * _SUPERSAMPLE)
-    image = _render(layout, background, image_size)
+    pixels = _render(layout, background, image_size)  # [H, W, 3] uint8
     noise_seed = rng.getrandbits(64)
     if rng.random() < _NOISE_PROBABILITY:
-        noise = np.random.default_rng(noise_seed).normal(
+        noisy = np.random.default_rng(noise_seed).normal(
             0.0, rng.uniform(*_NOISE_SIGMA_RANGE), (image_size, image_size, 3)
-        )
-        pixels = np.asarray(image, dtype=np.float32) + noise  # [H, W, 3]
-        image = Image.fromarray(np.clip(np.rint(pixels), 0, 255).astype(np.uint8), "RGB")
-    return Scene(seed, image, caption_for(objects), objects, layout)
+        )  # [H, W, 3] float64, turned into the noisy pixels in place
+        noisy += pixels
+        np.rint(noisy, out=noisy)
+        np.clip(noisy, 0, 255, out=noisy)
+        pixels = noisy.astype(np.uint8)
+    return Scene(seed, Image.fromarray(pixels, "RGB"), caption_for(objects), objects, layout)
 
 
 def generate_scenes(n: int, seed: int, image_size: int = 224) -> Iterator[Scene]:

@@ -76,6 +76,21 @@ def test_normalisation_matches_hand_computation() -> None:
     torch.testing.assert_close(pixel(out, 1, 1), normalised((0, 0, 0)), rtol=0, atol=1e-6)
 
 
+def test_every_level_of_every_channel_matches_float32_arithmetic() -> None:
+    # Decoded images are normalised by table lookup: it must give exactly what the plain
+    # float32 arithmetic gives, for all 256 levels in every channel, at any size.
+    rng = np.random.default_rng()
+    levels = np.stack([rng.permutation(256) for _ in range(3)], axis=-1).astype(np.uint8)  # [256, 3]
+    for height, width in ((16, 16), (8, 32)):
+        array = np.resize(levels, (height * width, 3)).reshape(height, width, 3)
+        out = preprocess_image(Image.fromarray(array), height if height == width else 16)
+        resized = np.asarray(Image.fromarray(array).resize((out.shape[2], out.shape[1]), Image.Resampling.BILINEAR))
+        mean, std = np.asarray(MEAN, dtype=np.float32), np.asarray(STD, dtype=np.float32)
+        expected = (resized.astype(np.float32) / np.float32(255.0) - mean) / std  # [H, W, 3] float32
+        assert out.dtype == torch.float32
+        np.testing.assert_array_equal(out.permute(1, 2, 0).numpy(), expected)
+
+
 def test_resize_is_pil_bilinear_to_a_square() -> None:
     image = gradient_image()
     out = preprocess_image(image, SIZE)

@@ -1,5 +1,5 @@
 """``step37-serve train-demo`` end to end at toy scale: it trains, evaluates and writes a
-checkpoint the services load; the worker process draws the same batches as the loop."""
+checkpoint the services load; data-parallel workers train the same model as one process."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
 from encoder_server.model import load_vision_model
 from lm_worker.model.loading import load_lm
@@ -18,13 +19,13 @@ def run_training(out: Path, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     args = parser.parse_args(["--out", str(out), "--steps", "3", "--batch-size", "2", "--warmup-steps", "1",
-                              "--eval-scenes", "2", "--threads", "1", *extra])
+                              "--eval-scenes", "2", "--threads", "1", "--no-compile", *extra])
     assert train.run(args) == 0
     return json.loads((out / "training_log.json").read_text())
 
 
 def test_training_writes_a_checkpoint_the_services_load(tmp_path: Path) -> None:
-    report = run_training(tmp_path / "in-loop", "--no-data-worker")
+    report = run_training(tmp_path / "in-loop", "--workers", "1")
     out = tmp_path / "in-loop"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
@@ -36,10 +37,35 @@ def test_training_writes_a_checkpoint_the_services_load(tmp_path: Path) -> None:
     assert vision.config.image_size == 224 and projector and decoder is not None
 
 
-def test_the_data_worker_draws_the_same_batches(tmp_path: Path) -> None:
-    in_loop = run_training(tmp_path / "a", "--no-data-worker")
-    in_worker = run_training(tmp_path / "b", "--data-worker")
-    assert [e["loss"] for e in in_worker["log"]] == [e["loss"] for e in in_loop["log"]]
+def test_two_workers_train_the_same_model_as_one_process(tmp_path: Path) -> None:
+    # Batch 3 splits unevenly (1 + 2 scenes); the loss is the mean over the whole batch either way.
+    one = run_training(tmp_path / "one", "--workers", "1", "--batch-size", "3", "--steps", "6")
+    two = run_training(tmp_path / "two", "--workers", "2", "--batch-size", "3", "--steps", "6")
+    assert two["workers"] == 2 and one["workers"] == 1
+    losses_one, losses_two = [e["loss"] for e in one["log"]], [e["loss"] for e in two["log"]]
+    assert len(losses_one) == len(losses_two) == 2
+    assert all(abs(a - b) <= 1e-4 * a for a, b in zip(losses_one, losses_two, strict=True)), (losses_one, losses_two)
+    weights_one = load_file(tmp_path / "one" / "model.safetensors")
+    weights_two = load_file(tmp_path / "two" / "model.safetensors")
+    assert weights_one.keys() == weights_two.keys()
+    for name, tensor in weights_one.items():
+        torch.testing.assert_close(weights_two[name], tensor, rtol=0, atol=1e-4, msg=name)  # a step moves weights by ~7e-4
+
+
+def test_a_worker_renders_only_its_share_of_the_stream(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    args = parser.parse_args(["--out", str(tmp_path)])
+    *_, tokenizer, _ = train.build_models(args, tmp_path)
+    whole = train.Examples(tokenizer, 224, 16, seed=5).batch(4)
+    parts = [train.Examples(tokenizer, 224, 16, seed=5).batch(4, share) for share in (range(0, 1), range(1, 4))]
+    assert torch.equal(torch.cat([parts[0][0], parts[1][0]]), whole[0])  # the same pixels, split
+    for tensor_index in (1, 2):  # ids and labels, each part padded to its own longest sequence
+        rows = [row for part in parts for row in part[tensor_index]]
+        for row, expected in zip(rows, whole[tensor_index], strict=True):
+            length = len(row)
+            assert torch.equal(row, expected[:length]) and torch.all(expected[length:] == row.new_tensor(
+                0 if tensor_index == 1 else train.IGNORE))
 
 
 def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_path: Path) -> None:
@@ -94,3 +120,23 @@ def test_cosine_decay_starts_at_the_peak_after_the_start_rate_ramp() -> None:
     rates = [train.learning_rate(step, args) for step in range(100)]
     assert abs(rates[39] - 1e-3) < 1e-12 and abs(rates[40] - 1e-3) < 1e-12  # ramp ends, cosine begins at the peak
     assert all(a >= b for a, b in zip(rates[40:], rates[41:], strict=False))
+
+
+def test_compiled_training_matches_eager(tmp_path: Path) -> None:
+    eager = run_training(tmp_path / "eager", "--workers", "1")
+    compiled = run_training(tmp_path / "compiled", "--workers", "1", "--compile")
+    losses_eager, losses_compiled = [e["loss"] for e in eager["log"]], [e["loss"] for e in compiled["log"]]
+    assert all(abs(a - b) <= 1e-3 * a for a, b in zip(losses_eager, losses_compiled, strict=True)), (
+        losses_eager, losses_compiled)
+
+
+def test_a_failing_compile_falls_back_to_eager(tmp_path: Path, monkeypatch, capsys) -> None:
+    class Broken(torch.nn.Module):
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", lambda module, **kwargs: Broken())
+    fallen_back = run_training(tmp_path / "fallback", "--workers", "1", "--compile")
+    eager = run_training(tmp_path / "eager", "--workers", "1")
+    assert "torch.compile failed (RuntimeError: no C++ compiler); training without it" in capsys.readouterr().out
+    assert [e["loss"] for e in fallen_back["log"]] == [e["loss"] for e in eager["log"]]
