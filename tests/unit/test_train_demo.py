@@ -29,7 +29,7 @@ def test_training_writes_a_checkpoint_the_services_load(tmp_path: Path) -> None:
     out = tmp_path / "in-loop"
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
-    assert [entry["step"] for entry in report["log"]] == [0, 2]
+    assert report["finished"] and [entry["step"] for entry in report["log"]] == [0, 2]
     assert report["log"][0]["loss"] > report["log"][-1]["loss"] > 0  # it learns something
     assert report["eval"]["scenes"] == 2
     vision = load_vision_model(out, dtype=torch.float32, device="cpu")
