@@ -1,7 +1,7 @@
 """Where a `train-demo` step's time goes: drawing scenes, the tower, the decoder, backward.
 
-Builds the step37-tiny models and batches exactly as `step37-serve train-demo` does and
-times each phase of a training step separately (median over steps, after warm-up).
+Builds the step37-tiny models and batches as `step37-serve train-demo` does (one eager
+process, mean loss) and times each phase of a training step separately (median over steps, after warm-up).
 The tower's forward rate is set against a dense fp32 matmul measured in the same run,
 which tells whether a step is bound by arithmetic (a faster step needs fewer FLOPs)
 or by overhead.

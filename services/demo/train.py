@@ -78,7 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=0,
                         help="data-parallel training processes, each drawing and training on its share of every "
                              "batch (0: one per CPU core the process may use, at most --batch-size); the batches "
-                             "and the result are the same for any number")
+                             "are the same for any number, the weights up to float rounding")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the tower and the decoder for training (~6 %% faster steps on two CPU cores, "
                              "compiling included); falls back to eager mode if compiling fails")
@@ -209,9 +209,13 @@ def build_models(args: argparse.Namespace, out: Path):
     return vision, decoder, fusion, tokenizer, text_config
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def worker_layout(args: argparse.Namespace) -> tuple[int, int]:
     """(workers, torch threads per worker) for ``--workers`` and ``--threads``."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     workers = args.workers or min(cores, args.batch_size)
     if not 1 <= workers <= args.batch_size:
         raise SystemExit(f"--workers must be between 1 and --batch-size ({args.batch_size}), got {workers}")
@@ -322,11 +326,11 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
     train_seconds = time.perf_counter() - started
     vision.train(False)
     decoder.train(False)
-    torch.set_num_threads(workers * torch.get_num_threads())  # the other workers are done: evaluate on all cores
+    torch.set_num_threads(usable_cores())  # the other workers are done: evaluate on all cores
     captioner = InProcessCaptioner(vision, decoder, fusion, tokenizer)
     scores = evaluate(captioner, args.eval_scenes, args.eval_seed, vision_config.image_size)
-    report = {"finished": True, "train_seconds": round(train_seconds, 1), "workers": workers, "args": vars(args),
-              "eval": scores, "log": log}
+    report = {"finished": True, "train_seconds": round(train_seconds, 1), "workers": workers,
+              "compiled": step_loss is not eager_loss, "args": vars(args), "eval": scores, "log": log}
     save_checkpoint(out, vision=vision, decoder=decoder, fusion=fusion, text_config=text_config,
                     tokenizer=tokenizer, extra_config={"training": {k: report[k] for k in ("train_seconds", "eval")}})
     (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -125,6 +125,7 @@ def test_cosine_decay_starts_at_the_peak_after_the_start_rate_ramp() -> None:
 def test_compiled_training_matches_eager(tmp_path: Path) -> None:
     eager = run_training(tmp_path / "eager", "--workers", "1")
     compiled = run_training(tmp_path / "compiled", "--workers", "1", "--compile")
+    assert compiled["compiled"] and not eager["compiled"]  # it did compile, rather than fall back
     losses_eager, losses_compiled = [e["loss"] for e in eager["log"]], [e["loss"] for e in compiled["log"]]
     assert all(abs(a - b) <= 1e-3 * a for a, b in zip(losses_eager, losses_compiled, strict=True)), (
         losses_eager, losses_compiled)
@@ -139,4 +140,5 @@ def test_a_failing_compile_falls_back_to_eager(tmp_path: Path, monkeypatch, caps
     fallen_back = run_training(tmp_path / "fallback", "--workers", "1", "--compile")
     eager = run_training(tmp_path / "eager", "--workers", "1")
     assert "torch.compile failed (RuntimeError: no C++ compiler); training without it" in capsys.readouterr().out
+    assert not fallen_back["compiled"]
     assert [e["loss"] for e in fallen_back["log"]] == [e["loss"] for e in eager["log"]]
