@@ -27,6 +27,29 @@ from lm_worker.model.kv_cache import CacheStep, KVCache
 __all__ = ["RMSNorm", "Step37Decoder", "apply_rotary", "rotary_cos_sin"]
 
 
+class JoinedWeight:
+    """Several linear weights stacked along the output dim: one matmul where there were several.
+
+    Used only without autograd (serving): a decode step is a few hundred tiny kernels,
+    so their count is its cost. The checkpoint keeps the separate weights; the stack is
+    rebuilt whenever a part is replaced or changed in place (its storage or version
+    counter moves), so ``.to()``, ``load_state_dict`` and training never leave it stale.
+    """
+
+    __slots__ = ("_key", "_value")
+
+    def __init__(self) -> None:
+        self._key: tuple[tuple[int, int], ...] | None = None
+        self._value: torch.Tensor | None = None
+
+    def get(self, *parts: torch.Tensor) -> torch.Tensor:
+        key = tuple((part.data_ptr(), part._version) for part in parts)
+        if key != self._key or self._value is None:
+            self._value = torch.cat([part.detach() for part in parts])  # [sum(out), in]
+            self._key = key
+        return self._value
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in float32 so bf16 activations keep precision."""
 
@@ -86,6 +109,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(hidden, kv_width, bias=False)
         self.v_proj = nn.Linear(hidden, kv_width, bias=False)
         self.o_proj = nn.Linear(q_width, hidden, bias=False)
+        self._qkv = JoinedWeight()
 
     def forward(
         self,
@@ -96,11 +120,21 @@ class Attention(nn.Module):
         step: CacheStep | None,
     ) -> torch.Tensor:
         batch, seq, _ = x.shape  # [B, S, H]
-        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        heads, kv_heads, head_dim = self.num_heads, self.num_kv_heads, self.head_dim
+        serving = not torch.is_grad_enabled()
+        if serving:
+            weight = self._qkv.get(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight)
+            qkv = F.linear(x, weight).view(batch, seq, heads + 2 * kv_heads, head_dim).transpose(1, 2)
+            # q and k rotate together: one set of elementwise kernels, the same values.
+            qk = apply_rotary(qkv[:, : heads + kv_heads], cos, sin)
+            q, k = qk.split((heads, kv_heads), dim=1)
+            v = qkv[:, heads + kv_heads :]
+        else:
+            q = self.q_proj(x).view(batch, seq, heads, head_dim).transpose(1, 2)
+            k = self.k_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+            v = self.v_proj(x).view(batch, seq, kv_heads, head_dim).transpose(1, 2)
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         # q: [B, heads, S, D]; k, v: [B, kv_heads, S, D]
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
 
         if kv_cache is None:
             mask, causal = None, True
@@ -109,18 +143,21 @@ class Attention(nn.Module):
             k, v = kv_cache.update(self.layer_index, step, k, v)  # [B, kv_heads, T, D]
             mask, causal = step.attention_mask, False  # [B, 1, S, T]
 
-        groups = self.num_heads // self.num_kv_heads
-        if groups > 1:
-            # Query head h reads K/V head h // groups (HF `repeat_kv` order). An explicit
-            # expand instead of SDPA's enable_gqa keeps torch 2.4 supported.
-            total = k.shape[2]
-            k = k[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-            k = k.reshape(batch, self.num_heads, total, self.head_dim)  # [B, heads, T, D]
-            v = v[:, :, None].expand(batch, self.num_kv_heads, groups, total, self.head_dim)
-            v = v.reshape(batch, self.num_heads, total, self.head_dim)  # [B, heads, T, D]
-
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
-        out = out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        groups = heads // kv_heads
+        if groups > 1 and serving:
+            # SDPA reads K/V head h // groups itself: no copies of the cached keys.
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, enable_gqa=True)
+        else:
+            if groups > 1:
+                # Query head h reads K/V head h // groups (HF `repeat_kv` order). Training
+                # keeps the explicit expand: its backward is the one the recipes ran.
+                total = k.shape[2]
+                k = k[:, :, None].expand(batch, kv_heads, groups, total, head_dim)
+                k = k.reshape(batch, heads, total, head_dim)  # [B, heads, T, D]
+                v = v[:, :, None].expand(batch, kv_heads, groups, total, head_dim)
+                v = v.reshape(batch, heads, total, head_dim)  # [B, heads, T, D]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        out = out.transpose(1, 2).reshape(batch, seq, heads * head_dim)
         return self.o_proj(out)  # [B, S, H]
 
 
@@ -132,9 +169,13 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self._gate_up = JoinedWeight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        if torch.is_grad_enabled():
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = F.linear(x, self._gate_up.get(self.gate_proj.weight, self.up_proj.weight)).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):

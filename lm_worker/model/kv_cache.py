@@ -53,6 +53,8 @@ class CacheStep:
     slot_ids: tuple[int, ...]
     input_lengths: tuple[int, ...]
     total_length: int  # T
+    slot_span: slice | None  # the slots as one ascending run (a view, not a gather), if they are
+    dense: bool  # every row writes all S columns (decode, equal-length prefill): no gather needed
 
 
 class KVCache:
@@ -169,6 +171,9 @@ class KVCache:
             slot_ids=tuple(slots),
             input_lengths=tuple(input_lengths),
             total_length=total_length,
+            slot_span=slice(slots[0], slots[0] + len(slots))
+            if list(slots) == list(range(slots[0], slots[0] + len(slots))) else None,
+            dense=all(count == step_len for count in input_lengths),
         )
 
     def update(
@@ -176,20 +181,24 @@ class KVCache:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write this step's K/V ``[B, num_kv_heads, S, head_dim]`` for ``layer``.
 
-        Returns the keys and values to attend over, ``[B, num_kv_heads, T, head_dim]``,
-        gathered from the cache (a copy: slots need not be contiguous).
+        Returns the keys and values to attend over, ``[B, num_kv_heads, T, head_dim]``:
+        a view of the cache when the slots are one ascending run (the usual case: the
+        scheduler hands out low slots first), else a gathered copy.
         """
         cache_k, cache_v = self.keys[layer], self.values[layer]
-        # Advanced indices around a slice: the result/assignment layout is
-        # [W, num_kv_heads, head_dim].
-        cache_k[step.write_slots, :, step.write_positions] = keys[
-            step.write_rows, :, step.write_cols
-        ].to(cache_k.dtype)
-        cache_v[step.write_slots, :, step.write_positions] = values[
-            step.write_rows, :, step.write_cols
-        ].to(cache_v.dtype)
+        if step.dense:
+            # Row-major over (row, column), the order of write_rows/write_cols.
+            new_k = keys.transpose(1, 2).flatten(0, 1)  # [W, num_kv_heads, head_dim]
+            new_v = values.transpose(1, 2).flatten(0, 1)
+        else:
+            # Advanced indices around a slice: the layout is [W, num_kv_heads, head_dim].
+            new_k = keys[step.write_rows, :, step.write_cols]
+            new_v = values[step.write_rows, :, step.write_cols]
+        cache_k[step.write_slots, :, step.write_positions] = new_k.to(cache_k.dtype)
+        cache_v[step.write_slots, :, step.write_positions] = new_v.to(cache_v.dtype)
         span = slice(0, step.total_length)
-        return cache_k[step.slots, :, span], cache_v[step.slots, :, span]  # [B, kv, T, D]
+        rows = step.slots if step.slot_span is None else step.slot_span
+        return cache_k[rows, :, span], cache_v[rows, :, span]  # [B, kv, T, D]
 
     def commit(self, step: CacheStep) -> None:
         """Advance lengths after every layer has written ``step``."""

@@ -98,6 +98,33 @@ def test_forward_matches_naive_reference(tied: bool) -> None:
     )
 
 
+def test_serving_path_matches_training_path_and_follows_weight_updates() -> None:
+    """Without autograd the decoder runs joined q/k/v and gate/up matmuls and SDPA's own
+    GQA; with it, the separate projections training uses. Same logits, and the joined
+    weights are rebuilt when a weight changes in place (an optimizer step) or is replaced."""
+    decoder = make_decoder()
+    tokens = [3, 17, 5, 42, 8]
+    embedded = decoder.embed_tokens.weight[tokens].detach()[:, None]  # [S, 1, H]
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        training = decoder(embedded).detach()
+        with torch.inference_mode():
+            serving = decoder(embedded)
+        return training, serving
+
+    training, serving = both()
+    torch.testing.assert_close(serving, training, atol=1e-5, rtol=0)
+    with torch.no_grad():
+        decoder.layers[0].self_attn.k_proj.weight.add_(0.05)
+        decoder.layers[1].mlp.up_proj.weight.mul_(1.5)
+    changed_training, changed_serving = both()
+    assert (changed_training - training).abs().max() > 1e-3
+    torch.testing.assert_close(changed_serving, changed_training, atol=1e-5, rtol=0)
+    decoder.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(torch.zeros(4 * 16, 48))
+    replaced_training, replaced_serving = both()
+    torch.testing.assert_close(replaced_serving, replaced_training, atol=1e-5, rtol=0)
+
+
 def test_tied_head_has_no_lm_head_and_reuses_embedding() -> None:
     decoder = make_decoder(tie_word_embeddings=True)
     assert decoder.lm_head is None
