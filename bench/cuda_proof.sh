@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # The CUDA checks, in one bounded run on a GPU machine: the GPU tests (bf16, pinned
-# copies, no host sync in the insert), then the benchmarks on the GPU, each under its
-# own time limit, all within BUDGET seconds (default 540), so one slow step cannot
-# starve the rest. Results land in bench/results/*-cuda.json (the card is in each
-# file's "machine") and, when a second argument is given, are copied there after each
-# step. Exits non-zero when any step failed or ran out of time.
+# copies, no host sync in the insert, decode graphs against eager steps), then the
+# benchmarks on the GPU, each under its own time limit, all within BUDGET seconds
+# (default 540), so one slow step cannot starve the rest. Results land in
+# bench/results/*-cuda.json (the card is in each file's "machine") and, when a second
+# argument is given, are copied there after each step. Exits non-zero when any step
+# failed or ran out of time.
 #
-#     [BUDGET=540] [STEPS="insert lm-worker"] bash bench/cuda_proof.sh [LOG_DIR] [COPY_DIR]
+#     [BUDGET=540] [STEPS="insert decode-step"] bash bench/cuda_proof.sh [LOG_DIR] [COPY_DIR]
 set -u
 cd "$(dirname "$0")/.."
 log_dir=${1:-bench/results}
@@ -56,8 +57,9 @@ step 180 gpu-tests "$py" -m pytest tests/gpu -q -rA -p no:cacheprovider
 step 60 insert "$py" bench/insert.py --dtype bfloat16 --rounds 21
 step 150 eval-demo "$py" -m services.cli eval-demo --scenes 500 --compare-in-process --device cuda \
     --out bench/results/eval-demo-cuda.json
+step 90 decode-step "$py" bench/decode_step.py --device cuda
+step 180 e2e "$py" bench/e2e.py --rounds 1 --requests 64 --device cuda
 step 200 lm-worker "$py" bench/lm_worker.py --device cuda --rounds 2
 step 120 encoder "$py" bench/encoder.py --requests 128 --rounds 3
-step 180 e2e "$py" bench/e2e.py --rounds 1 --requests 64 --device cuda
 rm -f "$started_marker"
 exit "$failed"

@@ -5,6 +5,8 @@ count times the per-call cost (Python, dispatcher, kernel launch), not arithmeti
 This times ``LocalDecoderBackend.decode`` on the bundled model at several batch sizes
 (every row a running sequence with a 40-position prompt) and counts the aten operators
 one step calls (``torch.profiler``: a figure that does not move with machine noise).
+On a GPU it runs twice in the same process: eager steps, and steps replayed from CUDA
+graphs (the LM worker's default there).
 
     python bench/decode_step.py [--batch-sizes 1,4,16,64 --steps 50 --device cpu]
 """
@@ -70,14 +72,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
     decoder = InProcessCaptioner.from_pretrained(args.model, device=args.device).decoder
-    backend = LocalDecoderBackend(decoder, max_batch_size=max(sizes), max_seq_len=PROMPT + 4 + args.steps)
-    results = {}
-    for batch in sizes:
-        results[str(batch)] = measure(backend, batch, args.steps, args.rounds)
-        print(f"batch {batch:>3}: {results[str(batch)]['ms_per_step']:.2f} ms per step, "
-              f"{results[str(batch)]['aten_calls_per_step']} aten calls")
+    variants = {"eager": False, **({"cuda_graphs": True} if decoder.embed_tokens.weight.is_cuda else {})}
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for variant, graphs in variants.items():
+        backend = LocalDecoderBackend(decoder, max_batch_size=max(sizes), max_seq_len=PROMPT + 4 + args.steps,
+                                      cuda_graphs=graphs)
+        results[variant] = {}
+        for batch in sizes:
+            results[variant][str(batch)] = row = measure(backend, batch, args.steps, args.rounds)
+            print(f"{variant:<11} batch {batch:>3}: {row['ms_per_step']:.3f} ms per step, "
+                  f"{row['aten_calls_per_step']} aten calls")
+    speedup = ({str(batch): results["eager"][str(batch)]["ms_per_step"] / results["cuda_graphs"][str(batch)]["ms_per_step"]
+                for batch in sizes} if "cuda_graphs" in results else None)
     path = write_result("decode_step", {"config": vars(args), "device": str(decoder.embed_tokens.weight.device),
-                                        "batch_sizes": results}, device=args.device)
+                                        "variants": results, "cuda_graphs_speedup": speedup}, device=args.device)
     print(f"wrote {path}")
 
 

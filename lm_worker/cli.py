@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help="prompt tokens prefilled together in one step")
     add_setting(parser, "--max-seq-len", default=_default("max_seq_len"), type=int,
                 help="context length per sequence (0: the model's)")
+    add_setting(parser, "--cuda-graphs", default=_default("cuda_graphs"), choices=["auto", "off"],
+                help="auto: on a GPU, decode steps replay CUDA graphs captured at start-up; off: eager")
     add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
                 help="largest accepted request body")
     add_setting(parser, "--internal-token", default=None, secret=True, type=_optional,

@@ -41,7 +41,8 @@ class LMWorkerService:
         max_seq_len = min(settings.max_seq_len or config.max_position_embeddings,
                           config.max_position_embeddings)
         backend = LocalDecoderBackend(model.decoder, max_batch_size=settings.max_batch_size,
-                                      max_seq_len=max_seq_len)
+                                      max_seq_len=max_seq_len,
+                                      cuda_graphs=None if settings.cuda_graphs == "auto" else False)
         self.scheduler = Scheduler(
             ModelRunner(backend, model.fusion),
             eos_token_id=model.tokenizer.eos_token_id,

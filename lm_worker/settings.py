@@ -40,6 +40,7 @@ class LMWorkerSettings:
     max_waiting: int = 256
     max_prefill_tokens: int = 4096
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
+    cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on a GPU; off: eager
     max_body_bytes: int = 64 * 1024 * 1024
     ready_timeout_s: float = 10.0
     internal_token: str | None = None  # required in x-internal-token on /v1/* when set
@@ -56,6 +57,8 @@ class LMWorkerSettings:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_waiting < 0 or self.max_seq_len < 0:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be auto or off, got {self.cuda_graphs!r}")
         if self.internal_token == "":
             raise ValueError("internal_token must not be empty (leave it unset to disable)")
 

@@ -9,6 +9,7 @@ scheduler samples.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -16,9 +17,12 @@ import torch
 from torch import nn
 
 from lm_worker.model.decoder import Step37Decoder
+from lm_worker.model.graphs import DecodeGraphs, graph_batch_sizes
 from lm_worker.model.kv_cache import KVCache
 
 __all__ = ["DecoderBackend", "LocalDecoderBackend"]
+
+logger = logging.getLogger(__name__)
 
 
 @runtime_checkable
@@ -64,15 +68,29 @@ class LocalDecoderBackend:
     padding costs compute proportional to the length spread, which is small next to
     one forward per sequence at serving batch sizes. Prefill appends at the slot's
     current length, so a prompt may also be fed in chunks.
+
+    ``cuda_graphs`` (default: on when the decoder is on a GPU) runs decode steps as
+    fixed-shape steps replayed from CUDA graphs (:mod:`lm_worker.model.graphs`),
+    captured here, once; if capturing fails, decoding stays eager and says why. On the
+    CPU, ``True`` runs the same fixed-shape steps without graphs (for tests).
     """
 
-    def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int) -> None:
+    def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int,
+                 cuda_graphs: bool | None = None) -> None:
         self.decoder = decoder.train(False)
-        self.cache: KVCache = decoder.new_kv_cache(
-            max_batch_size=max_batch_size, max_seq_len=max_seq_len
-        )
         weight = decoder.embed_tokens.weight
         self._device, self._dtype = weight.device, weight.dtype
+        on_gpu = self._device.type == "cuda"
+        fixed_shapes = on_gpu if cuda_graphs is None else cuda_graphs
+        self.cache: KVCache = decoder.new_kv_cache(
+            max_batch_size=max_batch_size, max_seq_len=max_seq_len, scratch_slot=fixed_shapes
+        )
+        self.graphs: DecodeGraphs | None = None
+        if fixed_shapes:
+            try:
+                self.graphs = DecodeGraphs(decoder, self.cache, graph_batch_sizes(max_batch_size), capture=on_gpu)
+            except RuntimeError as exc:  # pragma: no cover - needs a GPU whose capture fails
+                logger.warning("capturing CUDA graphs for decode failed (%s); decode steps stay eager", exc)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -130,6 +148,12 @@ class LocalDecoderBackend:
             raise ValueError(
                 f"token_ids must be [{len(slots)}] (one per slot), got {list(token_ids.shape)}"
             )
+        if self.graphs is not None:
+            counts = [1] * len(slots)
+            starts = self.cache.check_append(slots, counts, 1)
+            logits = self.graphs.decode(slots, starts, token_ids.to(dtype=torch.long))  # [n, V]
+            self.cache.advance(slots, counts)
+            return logits
         token_ids = token_ids.to(device=self._device, dtype=torch.long)
         embedded = self.decoder.embed_tokens(token_ids)[None]  # [1, n, H]
         hidden = self.decoder.hidden_states(embedded, kv_cache=self.cache, slots=list(slots))

@@ -278,12 +278,21 @@ class Step37Decoder(nn.Module):
             step = kv_cache.plan(slots, input_lengths or [seq] * batch, seq)
             positions = step.positions  # [B, S]
 
+        x = self.run_layers(x, positions, kv_cache, step)  # [B, S, H]
+        if kv_cache is not None and step is not None:
+            kv_cache.commit(step)
+        return x.transpose(0, 1)  # [S, B, H]
+
+    def run_layers(
+        self, x: torch.Tensor, positions: torch.Tensor, kv_cache: KVCache | None, step: CacheStep | None
+    ) -> torch.Tensor:
+        """Final-norm hidden states ``[B, S, H]`` for batch-first inputs ``x [B, S, H]`` at
+        ``positions [B, S]``, through ``step``'s cache writes and reads (no host reads, no
+        length bookkeeping: what a fixed-shape, graph-captured step runs)."""
         cos, sin = rotary_cos_sin(positions, self.config.head_dim, self.config.rope_theta)
         for layer in self.layers:
             x = layer(x, cos, sin, kv_cache, step)
-        if kv_cache is not None and step is not None:
-            kv_cache.commit(step)
-        return self.norm(x).transpose(0, 1)  # [S, B, H]
+        return self.norm(x)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Vocabulary logits ``[..., V]`` for final hidden states ``[..., H]``."""
@@ -304,7 +313,7 @@ class Step37Decoder(nn.Module):
         )
         return self.compute_logits(hidden)
 
-    def new_kv_cache(self, *, max_batch_size: int, max_seq_len: int) -> KVCache:
+    def new_kv_cache(self, *, max_batch_size: int, max_seq_len: int, scratch_slot: bool = False) -> KVCache:
         """A cache sized for this decoder, on its device and in its dtype."""
         if max_seq_len > self.config.max_position_embeddings:
             raise ValueError(
@@ -320,4 +329,5 @@ class Step37Decoder(nn.Module):
             head_dim=self.config.head_dim,
             dtype=weight.dtype,
             device=weight.device,
+            scratch_slot=scratch_slot,
         )

@@ -70,17 +70,21 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
+        scratch_slot: bool = False,
     ) -> None:
+        """``scratch_slot``: one more row, never handed out, that fixed-shape steps
+        (:mod:`lm_worker.model.graphs`) point their padding rows at."""
         if max_batch_size <= 0 or max_seq_len <= 0:
             raise ValueError(
                 f"max_batch_size and max_seq_len must be positive, got "
                 f"{max_batch_size} and {max_seq_len}"
             )
-        shape = (max_batch_size, num_kv_heads, max_seq_len, head_dim)
+        shape = (max_batch_size + int(scratch_slot), num_kv_heads, max_seq_len, head_dim)
         self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.max_batch_size = max_batch_size
         self.max_seq_len = max_seq_len
+        self.scratch_slot: int | None = max_batch_size if scratch_slot else None
         self.device = self.keys[0].device if num_layers else torch.device(device or "cpu")
         self._lengths = [0] * max_batch_size
         self._in_use = [False] * max_batch_size
@@ -116,14 +120,9 @@ class KVCache:
         if not 0 <= slot < self.max_batch_size or not self._in_use[slot]:
             raise CacheCapacityError(f"slot {slot} is not allocated")
 
-    def plan(self, slots: Sequence[int], input_lengths: Sequence[int], step_len: int) -> CacheStep:
-        """Indices and mask for appending ``input_lengths[b]`` tokens to ``slots[b]``.
-
-        Row ``b`` of the step holds ``step_len`` columns, of which the first
-        ``input_lengths[b]`` are real tokens (right padding). Padded columns are never
-        written to the cache; their queries see the row's valid keys only, so their
-        (discarded) outputs stay finite.
-        """
+    def check_append(self, slots: Sequence[int], input_lengths: Sequence[int], step_len: int) -> list[int]:
+        """Each slot's current length, after checking that ``input_lengths[b]`` (at most
+        ``step_len``) new positions fit in ``slots[b]``: allocated, distinct, in capacity."""
         if len(slots) != len(input_lengths) or not slots:
             raise ValueError(
                 f"need one input length per slot, got {len(slots)} slots and "
@@ -143,7 +142,17 @@ class KVCache:
                     f"max_seq_len={self.max_seq_len}"
                 )
             starts.append(start)
+        return starts
 
+    def plan(self, slots: Sequence[int], input_lengths: Sequence[int], step_len: int) -> CacheStep:
+        """Indices and mask for appending ``input_lengths[b]`` tokens to ``slots[b]``.
+
+        Row ``b`` of the step holds ``step_len`` columns, of which the first
+        ``input_lengths[b]`` are real tokens (right padding). Padded columns are never
+        written to the cache; their queries see the row's valid keys only, so their
+        (discarded) outputs stay finite.
+        """
+        starts = self.check_append(slots, input_lengths, step_len)
         device = self.device
         start_t = torch.tensor(starts, dtype=torch.long, device=device)  # [B]
         count_t = torch.tensor(list(input_lengths), dtype=torch.long, device=device)  # [B]
@@ -202,5 +211,9 @@ class KVCache:
 
     def commit(self, step: CacheStep) -> None:
         """Advance lengths after every layer has written ``step``."""
-        for slot, count in zip(step.slot_ids, step.input_lengths, strict=True):
+        self.advance(step.slot_ids, step.input_lengths)
+
+    def advance(self, slots: Sequence[int], counts: Sequence[int]) -> None:
+        """Count ``counts[b]`` more cached positions in ``slots[b]`` (written by a step)."""
+        for slot, count in zip(slots, counts, strict=True):
             self._lengths[slot] += count

@@ -32,7 +32,7 @@ class InProcessCaptioner:
 
     def __init__(self, vision: Step37VisionModel, decoder: Step37Decoder, fusion: ImageInsertEmbedding,
                  tokenizer: Step37Tokenizer, *, max_batch_size: int = 64,
-                 wire_dtype: torch.dtype | None = torch.bfloat16) -> None:
+                 wire_dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool | None = None) -> None:
         self.vision = vision
         # The services ship features as bf16 by default; rounding to the same dtype at the
         # same point makes this the exact reference for the decoupled path (None: skip).
@@ -41,10 +41,14 @@ class InProcessCaptioner:
         self.fusion = fusion
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
+        self.cuda_graphs = cuda_graphs  # None: on a GPU, as the LM worker
+        self._backend: LocalDecoderBackend | None = None
+        self._backend_weights: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None, max_batch_size: int = 64,
-                        wire_dtype: torch.dtype | None = torch.bfloat16) -> InProcessCaptioner:
+                        wire_dtype: torch.dtype | None = torch.bfloat16,
+                        cuda_graphs: bool | None = None) -> InProcessCaptioner:
         vision = load_vision_model(directory, device=device)
         decoder, projector_state, config = load_lm(directory, device=device)
         tokenizer = Step37Tokenizer.from_file(Path(directory) / "tokenizer.json")
@@ -52,7 +56,8 @@ class InProcessCaptioner:
                                       config.projector_bias, placeholder_token_id=tokenizer.ids.im_patch)
         fusion.align_projector.load_state_dict(projector_state)
         fusion.to(device=decoder.embed_tokens.weight.device, dtype=decoder.embed_tokens.weight.dtype)
-        return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size, wire_dtype=wire_dtype)
+        return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size, wire_dtype=wire_dtype,
+                   cuda_graphs=cuda_graphs)
 
     @property
     def image_size(self) -> int:
@@ -81,15 +86,41 @@ class InProcessCaptioner:
                 max_new_tokens: int = 48) -> list[str]:
         return self.caption_features(self.encode(images), prompt=prompt, max_new_tokens=max_new_tokens)
 
+    def decode_backend(self) -> LocalDecoderBackend:
+        """The KV cache (and, on a GPU, the decode graphs) this captioner decodes with.
+
+        Made once and kept, as the LM worker keeps its own; made again if the decoder's
+        weights were replaced or updated in place since (a captured graph would still
+        read the old ones).
+        """
+        weights = tuple((param.data_ptr(), param._version) for param in self.decoder.parameters())
+        if self._backend is None or weights != self._backend_weights:
+            self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
+                                                max_seq_len=self.decoder.config.max_position_embeddings,
+                                                cuda_graphs=self.cuda_graphs)
+            self._backend_weights = weights
+        return self._backend
+
     def _caption_chunk(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:
         count, length = int(features.shape[0]), int(features.shape[1])
         prompt_ids = self.tokenizer.build_prompt_ids(prompt, [length])
-        backend = LocalDecoderBackend(self.decoder, max_batch_size=count,
-                                      max_seq_len=len(prompt_ids) + max_new_tokens + 1)
+        backend = self.decode_backend()
+        if len(prompt_ids) + max_new_tokens > backend.max_seq_len:
+            raise ValueError(f"a {len(prompt_ids)}-token prompt and max_new_tokens={max_new_tokens} exceed "
+                             f"the decoder's {backend.max_seq_len} positions")
         input_ids = torch.tensor([prompt_ids] * count)  # [N, S]
         item = ImageForInsert(self.tokenizer.ids.im_start, image_features=features)
         fused = self.fusion(input_ids, [item])  # [S, N, H]
         slots = [backend.allocate() for _ in range(count)]
+        try:
+            return self._generate(backend, slots, fused, max_new_tokens)
+        finally:
+            for slot in slots:
+                backend.free(slot)
+
+    def _generate(self, backend: LocalDecoderBackend, slots: list[int], fused: torch.Tensor,
+                  max_new_tokens: int) -> list[str]:
+        count = len(slots)
         logits = backend.prefill(slots, list(fused.unbind(1)))  # [N, V]
         generated: list[list[int]] = [[] for _ in range(count)]
         active = list(range(count))

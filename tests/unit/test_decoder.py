@@ -11,6 +11,7 @@ import torch
 from lm_worker.model.backend import DecoderBackend, LocalDecoderBackend
 from lm_worker.model.config import ConfigError, DecoderConfig
 from lm_worker.model.decoder import Step37Decoder
+from lm_worker.model.graphs import graph_batch_sizes
 from lm_worker.model.kv_cache import CacheCapacityError
 
 ATOL = 1e-4
@@ -151,11 +152,18 @@ def test_gqa_parameter_and_cache_shapes() -> None:
     )
 
 
-def test_incremental_decoding_matches_full_forward() -> None:
+# The fixed-shape decode step CUDA graphs replay (padded batch, whole-slot attention,
+# padding rows in the scratch slot) runs eagerly on the CPU: the same checks hold it to
+# the full forward.
+FIXED_SHAPES = pytest.mark.parametrize("fixed_shapes", [False, True], ids=["dynamic", "fixed-shape"])
+
+
+@FIXED_SHAPES
+def test_incremental_decoding_matches_full_forward(fixed_shapes: bool) -> None:
     decoder = make_decoder()
     tokens = [4, 9, 9, 30, 2, 11, 7, 25, 13]
     expected = full_logits(decoder, tokens)  # [S, V]
-    backend = LocalDecoderBackend(decoder, max_batch_size=2, max_seq_len=32)
+    backend = LocalDecoderBackend(decoder, max_batch_size=2, max_seq_len=32, cuda_graphs=fixed_shapes)
     slot = backend.allocate()
     prompt = 4
     embedded = decoder.embed_tokens.weight[tokens[:prompt]].detach()  # [4, H]
@@ -166,7 +174,8 @@ def test_incremental_decoding_matches_full_forward() -> None:
     assert backend.sequence_length(slot) == len(tokens)
 
 
-def test_batch_invariance_with_slots_joining_and_leaving() -> None:
+@FIXED_SHAPES
+def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> None:
     """Each sequence's logits do not depend on who shares the step, nor on the slot's
     previous occupant (a freed slot is reused with stale K/V still in memory)."""
     decoder = make_decoder(seed=1)
@@ -177,7 +186,8 @@ def test_batch_invariance_with_slots_joining_and_leaving() -> None:
         "d": [5, 15, 25, 35, 45, 6, 16, 26],
     }
     expected = {name: full_logits(decoder, toks) for name, toks in sequences.items()}
-    backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16)
+    backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16, cuda_graphs=fixed_shapes)
+    assert (backend.graphs is not None) == fixed_shapes
     slot, fed = {}, {}
 
     def check(name: str, logits: torch.Tensor) -> None:
@@ -215,6 +225,25 @@ def test_batch_invariance_with_slots_joining_and_leaving() -> None:
     assert backend.num_free_slots == 0
 
 
+def test_fixed_shape_steps_pad_into_the_scratch_slot() -> None:
+    """Three running sequences decode in the size-4 step: the padding row writes only
+    the scratch slot (one row past the slots handed out), never a sequence's keys."""
+    assert graph_batch_sizes(5) == [1, 2, 4, 5] and graph_batch_sizes(1) == [1] and graph_batch_sizes(8) == [1, 2, 4, 8]
+    decoder = make_decoder(seed=2)
+    sequences = [[7, 3, 9, 12, 30, 31, 32, 33], [1, 2, 3, 4, 5, 6, 7, 8], [40, 30, 20, 10, 11, 12, 13, 14]]
+    expected = [full_logits(decoder, tokens) for tokens in sequences]
+    backend = LocalDecoderBackend(decoder, max_batch_size=5, max_seq_len=12, cuda_graphs=True)
+    assert backend.cache.keys[0].shape[0] == 6 and backend.cache.scratch_slot == 5
+    slots = [backend.allocate() for _ in sequences]
+    prompt = 3
+    backend.prefill(slots, [decoder.embed_tokens.weight[tokens[:prompt]].detach() for tokens in sequences])
+    for position in range(prompt, 8):
+        logits = backend.decode(slots, torch.tensor([tokens[position] for tokens in sequences]))
+        for row, want in enumerate(expected):
+            torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
+    assert [backend.sequence_length(slot) for slot in slots] == [8, 8, 8]
+
+
 def test_decoder_input_shape_is_checked() -> None:
     decoder = make_decoder()
     with pytest.raises(ValueError, match=r"\[S, B, 48\]"):
@@ -223,8 +252,9 @@ def test_decoder_input_shape_is_checked() -> None:
         decoder(torch.zeros(65, 1, 48))
 
 
-def test_cache_capacity_errors() -> None:
-    backend = LocalDecoderBackend(make_decoder(), max_batch_size=1, max_seq_len=4)
+@FIXED_SHAPES
+def test_cache_capacity_errors(fixed_shapes: bool) -> None:
+    backend = LocalDecoderBackend(make_decoder(), max_batch_size=1, max_seq_len=4, cuda_graphs=fixed_shapes)
     assert isinstance(backend, DecoderBackend)
     slot = backend.allocate()
     with pytest.raises(CacheCapacityError, match="in use"):

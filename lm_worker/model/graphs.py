@@ -1,0 +1,126 @@
+"""Decode steps on fixed shapes, replayed from CUDA graphs.
+
+A decode step of a small decoder is a few hundred kernels of a few microseconds each;
+on a GPU their launches, not their arithmetic, are the step. A CUDA graph records one
+step's kernels once and replays them with one launch. Graphs need fixed shapes and
+fixed addresses, so a graphed step:
+
+* pads the batch to the next captured size (1, 2, 4, 8, … and the backend's largest);
+  padding rows decode token 0 at position 0 of the cache's scratch slot, a row no
+  sequence owns, so they write nowhere that is ever read;
+* attends over every position of a slot (``max_seq_len`` keys, masked by length)
+  instead of the step's longest length — cheap at the sizes graphs pay off for;
+* reads its inputs (token ids, slots, positions) from one device tensor, filled by one
+  copy from pinned host memory.
+
+On the CPU the same fixed-shape step runs without capture (``capture=False``): that
+is how the tests hold it to the dynamic path, row for row.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from lm_worker.model.decoder import Step37Decoder
+from lm_worker.model.kv_cache import CacheStep, KVCache
+
+__all__ = ["DecodeGraphs", "graph_batch_sizes"]
+
+
+def graph_batch_sizes(max_batch_size: int) -> list[int]:
+    """Powers of two below ``max_batch_size``, and ``max_batch_size`` itself."""
+    sizes = [1 << shift for shift in range(max_batch_size.bit_length()) if 1 << shift < max_batch_size]
+    return [*sizes, max_batch_size]
+
+
+class DecodeGraphs:
+    """One fixed-shape decode step per batch size, captured as CUDA graphs when ``capture``."""
+
+    def __init__(self, decoder: Step37Decoder, cache: KVCache, batch_sizes: Sequence[int], *,
+                 capture: bool) -> None:
+        if cache.scratch_slot is None:
+            raise ValueError("fixed-shape decode steps need a KV cache with a scratch slot")
+        if not batch_sizes or min(batch_sizes) < 1 or max(batch_sizes) > cache.max_batch_size:
+            raise ValueError(f"batch sizes must lie in [1, {cache.max_batch_size}], got {list(batch_sizes)}")
+        self.decoder = decoder
+        self.cache = cache
+        self.sizes = sorted(set(batch_sizes))
+        device = cache.device
+        self._key_positions = torch.arange(cache.max_seq_len, device=device)  # [T]
+        # Per size: host staging (pinned when capturing), the device inputs the step
+        # reads, and the write indices a dense step ignores but CacheStep carries.
+        self._host = {size: torch.zeros(3, size, dtype=torch.long, pin_memory=capture) for size in self.sizes}
+        self._inputs = {size: torch.zeros(3, size, dtype=torch.long, device=device) for size in self.sizes}
+        self._rows = {size: torch.arange(size, device=device) for size in self.sizes}
+        for size in self.sizes:
+            self._host[size][1] = cache.scratch_slot
+            self._inputs[size][1] = cache.scratch_slot
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._logits: dict[int, torch.Tensor] = {}
+        self._copied = torch.cuda.Event() if capture else None
+        if capture:
+            with torch.inference_mode():
+                pool = None
+                for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
+                    self._graphs[size], self._logits[size] = self._capture(size, pool)
+                    pool = self._graphs[size].pool()
+
+    @property
+    def captured(self) -> bool:
+        return bool(self._graphs)
+
+    @property
+    def max_batch_size(self) -> int:
+        return self.sizes[-1]
+
+    def _step(self, size: int) -> torch.Tensor:
+        """The fixed-shape step over ``self._inputs[size]``: logits ``[size, V]`` (float32)."""
+        tokens, slots, positions = self._inputs[size].unbind(0)  # each [size]
+        mask = self._key_positions[None, :] <= positions[:, None]  # [size, T]
+        step = CacheStep(
+            slots=slots, positions=positions[:, None], write_rows=self._rows[size],
+            write_cols=torch.zeros_like(self._rows[size]), write_slots=slots, write_positions=positions,
+            attention_mask=mask[:, None, None], slot_ids=(), input_lengths=(),
+            total_length=self.cache.max_seq_len, slot_span=None, dense=True,
+        )  # fmt: skip
+        x = self.decoder.embed_tokens(tokens)[:, None]  # [size, 1, H]
+        hidden = self.decoder.run_layers(x, positions[:, None], self.cache, step)  # [size, 1, H]
+        return self.decoder.compute_logits(hidden[:, 0]).float()  # [size, V]
+
+    def _capture(self, size: int, pool: tuple[int, int] | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        # Warm up on a side stream (allocator, cuBLAS workspaces, the joined weights);
+        # every row points at the scratch slot, so nothing a sequence owns is written.
+        side = torch.cuda.Stream(device=self.cache.device)
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step(size)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=pool):
+            logits = self._step(size)
+        return graph, logits
+
+    def decode(self, slots: Sequence[int], starts: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
+        """Logits ``[n, V]`` for one token per slot, ``token_ids [n]`` written at ``starts``.
+
+        The caller has checked the slots (``KVCache.check_append``) and advances their
+        lengths afterwards; ``n`` must not exceed :attr:`max_batch_size`.
+        """
+        count = len(slots)
+        size = next(size for size in self.sizes if size >= count)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last step's copy has left the staging buffers
+        host = self._host[size].numpy()  # a view: pinned memory written in place
+        host[0, :count] = token_ids.cpu().numpy()
+        host[1, :count] = slots
+        host[2, :count] = starts
+        host[0, count:], host[1, count:], host[2, count:] = 0, self.cache.scratch_slot, 0
+        self._inputs[size].copy_(self._host[size], non_blocking=True)
+        if self._copied is None:
+            return self._step(size)[:count]
+        self._copied.record()
+        self._graphs[size].replay()
+        return self._logits[size][:count].clone()  # the next replay overwrites the graph's output
