@@ -136,3 +136,25 @@ async def test_closing_a_stream_early_disconnects_the_server_side(server: tuple[
         # 200 events at 20 ms would take 4 s; the server's generator ends once we leave.
         assert await asyncio.to_thread(seen.stream_closed.wait, 3.0)
         assert (await http.post(f"{url}/echo", content=b"after")).json()["length"] == 5  # the client still works
+
+
+async def test_the_environment_proxy_is_used_and_no_proxy_respected(server: tuple[str, Seen], monkeypatch) -> None:
+    """With ``trust_env`` a request goes through ``HTTP_PROXY`` (the test server plays the
+    proxy: it answers a request for a host that does not resolve), and a host listed in
+    ``NO_PROXY`` goes direct; without ``trust_env`` the environment is ignored."""
+    url, _ = server
+    monkeypatch.setenv("HTTP_PROXY", url)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    trusting = AiohttpTransport(max_connections=4, trust_env=True)
+    async with httpx.AsyncClient(transport=trusting, timeout=10.0) as proxied:
+        answer = await proxied.post("http://unresolvable.invalid/echo", content=b"via proxy")
+        assert answer.status_code == 200 and answer.json()["length"] == 9
+        direct = await proxied.post(f"{url}/echo", content=b"direct")  # 127.0.0.1 is in NO_PROXY
+        assert direct.status_code == 200
+    assert trusting.proxy_for(httpx.URL("http://unresolvable.invalid/echo")) == url
+    assert trusting.proxy_for(httpx.URL(f"{url}/echo")) is None
+    async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=4), timeout=10.0) as plain:
+        with pytest.raises(httpx.ConnectError):
+            await plain.post("http://unresolvable.invalid/echo", content=b"direct")
