@@ -11,6 +11,10 @@ model, same machine, in one run, rounds interleaved:
 - ``decoupled_reuse50``: the decoupled system where half the images repeat an earlier
   one, so the gateway's feature cache answers instead of the encoder.
 
+Besides latency and throughput, each point records the CPU time per request: of each
+service process (Linux ``/proc``) for the decoupled variants, of this process for the
+monolithic one, where a machine's cores are what the two layouts share out.
+
     python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2 --device auto]
 """
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import resource
 import statistics
 import sys
 import time
@@ -42,6 +47,24 @@ from services.loadtest.workload import Workload, WorkloadConfig
 WIRE_STAGES = ("transfer", "encoder.serialize")
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process so far, from ``/proc`` (None where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def services_cpu(stack: Stack) -> dict[str, float | None]:
+    return {child.name: cpu_seconds(child.process.pid) for child in stack.children if child.process is not None}
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse: float) -> dict:
     settings = RunSettings(url=f"{url}/v1/captions", endpoint="captions", requests=requests,
                            warmup_requests=2, timeout_s=120, seed=seed, progress=False)
@@ -57,6 +80,7 @@ def monolithic_point(captioner: InProcessCaptioner, concurrency: int, requests: 
     data = [images.image(i).data for i in range(requests + concurrency)]
     captioner.caption(data[:concurrency])  # warm-up, as the load tester's
     latencies = []
+    cpu_before = own_cpu()
     started = time.perf_counter()
     for start in range(concurrency, concurrency + requests, concurrency):
         batch = data[start : start + concurrency]
@@ -64,7 +88,8 @@ def monolithic_point(captioner: InProcessCaptioner, concurrency: int, requests: 
         captioner.caption(batch)
         latencies += [1e3 * (time.perf_counter() - t0)] * len(batch)
     window = time.perf_counter() - started
-    return {"requests": {"ok": len(latencies)}, "window_s": window,
+    cpu_ms = 1e3 * (own_cpu() - cpu_before) / len(latencies)
+    return {"requests": {"ok": len(latencies)}, "window_s": window, "cpu_ms_per_request": {"monolithic": cpu_ms},
             "throughput": {"requests_per_s": len(latencies) / window},
             "latency_ms": distribution(latencies)}
 
@@ -96,8 +121,16 @@ def main() -> None:
                         summary = monolithic_point(captioner, concurrency, args.requests, seed)
                     else:
                         reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
+                        before = services_cpu(stack)
                         summary = decoupled_point(stack.url, concurrency, args.requests,
                                                   seed + (500 if reuse else 0), reuse)
+                        after = services_cpu(stack)
+                        # The services do nothing between points, so their CPU time over a
+                        # point is its requests' (warm-up's two included); the load tester's
+                        # own is left out: it also drew the point's images.
+                        summary["cpu_ms_per_request"] = {
+                            name: 1e3 * (after[name] - before[name]) / (args.requests + 2)
+                            for name in before if before[name] is not None and after.get(name) is not None}
                     samples[variant][concurrency].append(summary)
                     print(f"round {round_index} c={concurrency:<3} {variant:<18} "
                           f"{summary['throughput']['requests_per_s']:.2f} req/s  "
@@ -123,6 +156,10 @@ def main() -> None:
             "p99": row["decoupled"]["p99_ms"] / row["monolithic"]["p99_ms"],
         }
         row["reuse50_mean_latency_cut"] = 1 - row["decoupled_reuse50"]["mean_ms"] / row["decoupled"]["mean_ms"]
+        row["cpu_ms_per_request"] = {
+            variant: {name: statistics.median(s["cpu_ms_per_request"][name] for s in samples[variant][c])
+                      for name in samples[variant][c][0].get("cpu_ms_per_request", {})}
+            for variant in ("decoupled", "monolithic")}
         table[c] = row
 
     stages_c1 = {}

@@ -86,6 +86,28 @@ def lm_worker(result: dict) -> list[str]:
             f"Goal (≥ 3× at concurrency 16): {'met' if result['goal_met'] else 'not met'}.", ""]
 
 
+def decode_step(result: dict) -> list[str]:
+    variants = result["variants"]
+    names = list(variants)
+    header = " | ".join(f"{name} ms | {name} aten calls" for name in names)
+    rows = [f"| batch | {header} |", "| ---: |" + " ---: | ---: |" * len(names)]
+    for batch in variants[names[0]]:
+        cells = " | ".join(f"{variants[name][batch]['ms_per_step']:.2f} | {variants[name][batch]['aten_calls_per_step']}"
+                           for name in names)
+        rows.append(f"| {batch} | {cells} |")
+    config = result["config"]
+    lines = ["## LM decode step (step37-tiny, `LocalDecoderBackend.decode`)", "",
+             f"`python bench/decode_step.py --batch-sizes {config['batch_sizes']} --steps {config['steps']}"
+             f"{' --device ' + config['device'] if config['device'] != 'cpu' else ''}` — " + provenance(result), "",
+             *rows, ""]
+    if result.get("cuda_graphs_speedup"):
+        speedups = ", ".join(f"{value:.1f}× at batch {batch}" for batch, value in result["cuda_graphs_speedup"].items())
+        lines += [f"Steps replayed from CUDA graphs against eager steps, same process: {speedups}. A step's "
+                  "operators run as one graph launch (the aten calls left are the copy of the inputs and the "
+                  "replay).", ""]
+    return lines
+
+
 def lm_worker_flags(config: dict) -> str:
     flags = f"--rounds {config['rounds']}"
     if config.get("threads"):
@@ -124,9 +146,27 @@ def e2e(result: dict) -> list[str]:
             f"Gateway stages at the lowest concurrency (mean ms): {stages}. Wire + serialisation "
             f"(transfer + encoder serialisation): {result['wire_overhead_ms_at_lowest_concurrency']:.1f} ms, "
             f"{100 * result['wire_overhead_fraction_at_lowest_concurrency']:.1f} % of request latency.",
-            "", *(e2e_on_gpu(result) if _on_gpu(result) else e2e_targets(result)),
+            "", *e2e_cpu_time(result),
+            *(e2e_on_gpu(result) if _on_gpu(result) else e2e_targets(result)),
             "", f"![throughput and p99 versus concurrency](bench/results/e2e-{'cuda' if _on_gpu(result) else 'cpu'}.png)",
             ""]
+
+
+def e2e_cpu_time(result: dict) -> list[str]:
+    """CPU time per request by process (older results have none)."""
+    table = result["table"]
+    if not all("cpu_ms_per_request" in row for row in table.values()):
+        return []
+    names = sorted({name for row in table.values() for name in row["cpu_ms_per_request"]["decoupled"]})
+    rows = [f"| c | {' | '.join(names)} | services together | monolithic process |",
+            "| ---: |" + " ---: |" * (len(names) + 2)]
+    for c, row in table.items():
+        cpu = row["cpu_ms_per_request"]
+        services = [cpu["decoupled"].get(name, float("nan")) for name in names]
+        rows.append(f"| {c} | {' | '.join(f'{value:.1f}' for value in services)} | {sum(services):.1f} | "
+                    f"{cpu['monolithic']['monolithic']:.1f} |")
+    return ["CPU time per request (ms, user + system, median of rounds; the load tester's own is not counted, "
+            "and the monolithic process's torch threads count their spin-waits):", "", *rows, ""]
 
 
 def e2e_targets(result: dict) -> list[str]:
@@ -168,9 +208,15 @@ def e2e_on_gpu(result: dict) -> list[str]:
     stages = result["stage_means_ms_at_lowest_concurrency"]
     level = list(result["table"])[0]
     rounds = result["config"]["rounds"]
-    return [f"{rounds} round{'s' if rounds > 1 else ''} per point. At c={level} the LM worker's decode steps take "
-            f"{stages['lm.decode']:.0f} of the request's {stages['total']:.0f} ms; with a model this small the "
-            "ratios compare the two layouts' serving overheads more than GPU arithmetic.", ""]
+    lines = [f"{rounds} round{'s' if rounds > 1 else ''} per point. At c={level} the LM worker's decode steps take "
+             f"{stages['lm.decode']:.0f} of the request's {stages['total']:.0f} ms; with a model this small the "
+             "ratios compare the two layouts' serving overheads more than GPU arithmetic."]
+    if "lm.prefill" in stages:
+        lines.append(f"Both layouts replay decode steps from CUDA graphs (the decode-step section above); "
+                     f"prefill stays eager ({stages['lm.prefill']:.1f} ms at c={level}), and where the monolithic "
+                     "pipeline prefills each batch of c images in one call, the LM worker prefills requests as they "
+                     "arrive, between decode steps.")
+    return [" ".join(lines), ""]
 
 
 def per_round_cuts(result: dict, level: str) -> str:
@@ -261,7 +307,7 @@ def aiperf_crosscheck() -> list[str]:
 def gpu() -> list[str]:
     """The runs of `bash bench/cuda_proof.sh` on a GPU machine (files ending in -cuda)."""
     evaluation = load("eval-demo-cuda")
-    results = [(name, load(f"{name}-cuda")) for name in ("insert", "encoder", "lm_worker", "e2e")]
+    results = [(name, load(f"{name}-cuda")) for name in ("insert", "encoder", "decode_step", "lm_worker", "e2e")]
     if evaluation is None and not any(result for _, result in results):
         return []
     lines = ["# On a GPU", "",
@@ -269,11 +315,13 @@ def gpu() -> list[str]:
              "bit-identity with the loop on the GPU, no host synchronisation in the insert under "
              "`torch.cuda.set_sync_debug_mode(\"error\")`, host→device copies from pinned memory as the CUDA "
              "profiler names them, the bundled model's bf16 tower and captions against fp32 on the host), then "
-             "the benchmarks below on the GPU. The runs below were made on the working tree that became "
-             "commit 8ff3b34 (their files say aca9fd0-dirty); the log `bench/results/cuda-proof-h200.log` holds "
-             "the card, driver and test reports of the three calls: the full run (the GPU tests passed; the insert "
-             "benchmark failed on host ids, fixed; the LM worker benchmark ran out of time), the insert and LM "
-             "worker benchmarks again, and the GPU tests again after a refactor of the test file.", ""]
+             "the benchmarks below on the GPU. Two sessions made them. The insert and encoder runs were made on "
+             "the working tree that became commit 8ff3b34 (their files say aca9fd0-dirty; log: "
+             "`bench/results/cuda-proof-h200.log`). The GPU tests (with the decode-graph checks), the evaluation, "
+             "the decode-step, LM worker and end-to-end runs were made on the tree of commit a60c669, where decode "
+             "steps replay CUDA graphs (their files say ebcccff-dirty: the machine's copy of `.git` lagged; log: "
+             "`bench/results/cuda-proof-h200-decode-graphs.log`, two calls: the first installed no wheels, so "
+             "only the decode-step run of it counts).", ""]
     if evaluation is not None:
         served, local = evaluation["decoupled"], evaluation["in_process"]
         lines += ["## Bundled model on the GPU (bf16), through the decoupled services", "",
@@ -286,7 +334,8 @@ def gpu() -> list[str]:
                   f"of {evaluation['scenes']}.", ""]
     for name, result in results:
         if result is not None:
-            lines += {"insert": insert, "encoder": encoder, "lm_worker": lm_worker, "e2e": e2e}[name](result)
+            lines += {"insert": insert, "encoder": encoder, "decode_step": decode_step, "lm_worker": lm_worker,
+                      "e2e": e2e}[name](result)
     return lines
 
 
@@ -297,7 +346,7 @@ def main() -> None:
              "machine is a shared, noisy 2-core CPU without a GPU, so comparisons are ratios measured in one run "
              "(variants interleaved, medians); absolute times are only indicative there.", ""]
     for name, render in (("codec-cpu", codec), ("insert-cpu", insert), ("encoder-cpu", encoder),
-                         ("lm_worker-cpu", lm_worker), ("e2e-cpu", e2e), ("soak-cpu", soak)):
+                         ("decode_step-cpu", decode_step), ("lm_worker-cpu", lm_worker), ("e2e-cpu", e2e), ("soak-cpu", soak)):
         result = load(name)
         if result is not None:
             lines += render(result)
