@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(model, "--device", default=None, help="cpu, cuda, cuda:1 ... (unset: cuda if available)")
     add_setting(model, "--torch-threads", default=0, type=int, help="intra-op threads of the forward "
                 "(0: torch's default, one per core); leave cores for preprocessing and HTTP on small CPUs")
+    add_setting(model, "--cuda-graphs", default="auto", choices=["auto", "off"],
+                help="auto: on a GPU, forwards at the trained resolution replay CUDA graphs captured at "
+                     "start-up; off: eager")
     add_setting(model, "--dtype", default=None, help="bf16, fp16 or fp32 compute (unset: fp32 on CPU, "
                 "bf16 on GPU)")
     server = parser.add_argument_group("server")
@@ -71,7 +74,7 @@ def settings_from_args(args: argparse.Namespace) -> EncoderSettings:
         max_queue_delay_ms=args.max_queue_delay_ms, max_queue_size=args.max_queue_size,
         request_timeout_s=args.request_timeout_s, max_images_per_request=args.max_images_per_request,
         max_body_bytes=args.max_body_bytes, max_image_pixels=args.max_image_pixels,
-        preprocess_workers=args.preprocess_workers,
+        preprocess_workers=args.preprocess_workers, cuda_graphs=args.cuda_graphs,
     )
 
 

@@ -14,6 +14,7 @@ import json
 import logging
 import re
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +36,7 @@ from encoder_server.model import (
     load_vision_model,
     rope_cu_seqlens,
 )
+from encoder_server.model.graphs import TowerGraphs
 from encoder_server.preprocess import ImageLimits, check_pixels, preprocess_batch
 from proto import (
     FEATURE_DTYPES,
@@ -76,6 +78,11 @@ class EncoderSettings:
     max_image_pixels: int = 40_000_000
     preprocess_workers: int = 2
     ready_cache_s: float = 1.0  # a forward that succeeded this recently proves readiness
+    cuda_graphs: str = "auto"  # auto: on a GPU, trained-resolution forwards replay CUDA graphs; off: eager
+
+    def __post_init__(self) -> None:
+        if self.cuda_graphs not in ("auto", "off"):
+            raise ValueError(f"cuda_graphs must be auto or off, got {self.cuda_graphs!r}")
 
     def batcher_config(self) -> BatcherConfig:
         return BatcherConfig(self.max_batch_size, self.max_queue_delay_ms, self.max_queue_size,
@@ -138,6 +145,12 @@ class EncoderService:
         self.metrics = metrics or EncoderMetrics()
         weight = next(model.parameters())
         self.device, self.dtype = weight.device, weight.dtype
+        self.tower: Callable[[torch.Tensor], torch.Tensor] = model
+        if self.device.type == "cuda" and self.settings.cuda_graphs == "auto":
+            try:
+                self.tower = TowerGraphs(model, self.settings.max_batch_size)
+            except RuntimeError as exc:  # pragma: no cover - needs a GPU whose capture fails
+                logger.warning("capturing CUDA graphs for the tower failed (%s); forwards stay eager", exc)
         self.batcher: Batcher = batcher or DynamicBatcher(
             self._forward, self.settings.batcher_config(), name=name, on_batch=self.metrics.batch_ran)
         self.metrics.track_queue_depth(lambda: self.batcher.queue_depth)
@@ -255,5 +268,5 @@ class EncoderService:
     def _forward(self, pixels: torch.Tensor) -> torch.Tensor:
         """Worker thread: [B, 3, H, W] float32 -> [B, L, C] on the CPU in the model's dtype."""
         with torch.inference_mode():
-            features = self.model(to_device(pixels, self.device))  # [B, L, C]
+            features = self.tower(to_device(pixels, self.device))  # [B, L, C]
             return features.cpu()  # the device->host copy also waits for the GPU

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from lm_worker.model.decoder import Step37Decoder
-from lm_worker.model.graphs import DecodeGraphs, graph_batch_sizes
+from lm_worker.model.graphs import DecodeGraphs
 from lm_worker.model.kv_cache import KVCache
+from services.common.graphs import padded_batch_sizes
 
 __all__ = ["DecoderBackend", "LocalDecoderBackend"]
 
@@ -88,7 +89,7 @@ class LocalDecoderBackend:
         self.graphs: DecodeGraphs | None = None
         if fixed_shapes:
             try:
-                self.graphs = DecodeGraphs(decoder, self.cache, graph_batch_sizes(max_batch_size), capture=on_gpu)
+                self.graphs = DecodeGraphs(decoder, self.cache, padded_batch_sizes(max_batch_size), capture=on_gpu)
             except RuntimeError as exc:  # pragma: no cover - needs a GPU whose capture fails
                 logger.warning("capturing CUDA graphs for decode failed (%s); decode steps stay eager", exc)
 

@@ -25,14 +25,9 @@ import torch
 
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.kv_cache import CacheStep, KVCache
+from services.common.graphs import capture as capture_graph
 
-__all__ = ["DecodeGraphs", "graph_batch_sizes"]
-
-
-def graph_batch_sizes(max_batch_size: int) -> list[int]:
-    """Powers of two below ``max_batch_size``, and ``max_batch_size`` itself."""
-    sizes = [1 << shift for shift in range(max_batch_size.bit_length()) if 1 << shift < max_batch_size]
-    return [*sizes, max_batch_size]
+__all__ = ["DecodeGraphs"]
 
 
 class DecodeGraphs:
@@ -54,7 +49,7 @@ class DecodeGraphs:
         self._host = {size: torch.zeros(3, size, dtype=torch.long, pin_memory=capture) for size in self.sizes}
         self._inputs = {size: torch.zeros(3, size, dtype=torch.long, device=device) for size in self.sizes}
         self._rows = {size: torch.arange(size, device=device) for size in self.sizes}
-        for size in self.sizes:
+        for size in self.sizes:  # every row at the scratch slot, so warm-up writes nothing a sequence owns
             self._host[size][1] = cache.scratch_slot
             self._inputs[size][1] = cache.scratch_slot
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
@@ -64,7 +59,8 @@ class DecodeGraphs:
             with torch.inference_mode():
                 pool = None
                 for size in reversed(self.sizes):  # largest first: the smaller graphs reuse its memory
-                    self._graphs[size], self._logits[size] = self._capture(size, pool)
+                    step = lambda size=size: self._step(size)  # noqa: E731
+                    self._graphs[size], self._logits[size] = capture_graph(step, device, pool)
                     pool = self._graphs[size].pool()
 
     @property
@@ -88,20 +84,6 @@ class DecodeGraphs:
         x = self.decoder.embed_tokens(tokens)[:, None]  # [size, 1, H]
         hidden = self.decoder.run_layers(x, positions[:, None], self.cache, step)  # [size, 1, H]
         return self.decoder.compute_logits(hidden[:, 0]).float()  # [size, V]
-
-    def _capture(self, size: int, pool: tuple[int, int] | None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
-        # Warm up on a side stream (allocator, cuBLAS workspaces, the joined weights);
-        # every row points at the scratch slot, so nothing a sequence owns is written.
-        side = torch.cuda.Stream(device=self.cache.device)
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                self._step(size)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
-            logits = self._step(size)
-        return graph, logits
 
     def decode(self, slots: Sequence[int], starts: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, V]`` for one token per slot, ``token_ids [n]`` written at ``starts``.

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from encoder_server.model import Step37VisionModel, load_vision_model
+from encoder_server.model.graphs import TowerGraphs
 from encoder_server.preprocess import ImageInput, preprocess_batch
 from lm_worker.image_insert_embedding import ImageForInsert, ImageInsertEmbedding
 from lm_worker.model.backend import LocalDecoderBackend
@@ -44,6 +45,8 @@ class InProcessCaptioner:
         self.cuda_graphs = cuda_graphs  # None: on a GPU, as the LM worker
         self._backend: LocalDecoderBackend | None = None
         self._backend_weights: tuple[tuple[int, int], ...] = ()
+        self._tower: TowerGraphs | None = None
+        self._tower_weights: tuple[tuple[int, int], ...] = ()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None, max_batch_size: int = 64,
@@ -68,7 +71,7 @@ class InProcessCaptioner:
         """Images → vision features ``[N, L, C]``."""
         weight = next(self.vision.parameters())
         pixels = to_device(preprocess_batch(images, self.image_size), weight.device)  # the tower casts
-        features = self.vision(pixels)  # [N, L, C]
+        features = self.tower()(pixels)  # [N, L, C]
         if self.wire_dtype is not None:
             features = features.to(self.wire_dtype).to(features.dtype)
         return features
@@ -86,6 +89,18 @@ class InProcessCaptioner:
                 max_new_tokens: int = 48) -> list[str]:
         return self.caption_features(self.encode(images), prompt=prompt, max_new_tokens=max_new_tokens)
 
+    def tower(self) -> Step37VisionModel | TowerGraphs:
+        """The vision tower, replayed from CUDA graphs on a GPU (unless ``cuda_graphs`` is
+        False) as the encoder service does; captured again if its weights changed."""
+        weight = next(self.vision.parameters())
+        if weight.device.type != "cuda" or self.cuda_graphs is False:
+            return self.vision
+        weights = _weights_key(self.vision)
+        if self._tower is None or weights != self._tower_weights:
+            self._tower = TowerGraphs(self.vision, self.max_batch_size)
+            self._tower_weights = weights
+        return self._tower
+
     def decode_backend(self) -> LocalDecoderBackend:
         """The KV cache (and, on a GPU, the decode graphs) this captioner decodes with.
 
@@ -93,7 +108,7 @@ class InProcessCaptioner:
         weights were replaced or updated in place since (a captured graph would still
         read the old ones).
         """
-        weights = tuple((param.data_ptr(), param._version) for param in self.decoder.parameters())
+        weights = _weights_key(self.decoder)
         if self._backend is None or weights != self._backend_weights:
             self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
                                                 max_seq_len=self.decoder.config.max_position_embeddings,
@@ -139,3 +154,8 @@ class InProcessCaptioner:
             active = still
             logits = backend.decode([slots[row] for row in active], next_ids[keep])
         return [self.tokenizer.decode(ids) for ids in generated]
+
+
+def _weights_key(module: torch.nn.Module) -> tuple[tuple[int, int], ...]:
+    """Changes when a parameter is replaced or updated in place (what a captured graph would miss)."""
+    return tuple((param.data_ptr(), param._version) for param in module.parameters())

@@ -15,6 +15,8 @@ import torch
 from torch import nn
 from torch.profiler import ProfilerActivity, profile
 
+from encoder_server.model.graphs import TowerGraphs
+from encoder_server.preprocess import preprocess_batch
 from lm_worker import ImageForInsert, ImageInsertEmbedding
 from lm_worker.model.backend import LocalDecoderBackend
 from lm_worker.model.config import DecoderConfig
@@ -220,13 +222,30 @@ def test_decode_graphs_match_eager_decode_steps():
         torch.testing.assert_close(got, want, atol=2e-4, rtol=1e-4)
 
 
-def test_decode_graphs_give_the_captions_of_eager_decoding(scenes):
+def test_tower_graphs_match_the_eager_tower(scenes):
+    """Trained-resolution forwards replayed from CUDA graphs (batches padded with zero
+    images) give the eager forward's features; other sizes fall back to eager."""
+    captioner = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cuda", wire_dtype=None)
+    tower = captioner.tower()
+    assert isinstance(tower, TowerGraphs) and tower.sizes[-1] == 64
+    pixels = to_device(preprocess_batch([scene.image for scene in scenes[:8]], 224), CUDA)
+    with torch.inference_mode():
+        for count in (1, 3, 8):
+            got, want = tower(pixels[:count]).float(), captioner.vision(pixels[:count]).float()
+            cosine = nn.functional.cosine_similarity(got, want, dim=-1)  # [N, L]
+            assert got.shape == want.shape and cosine.min() > 0.999, (count, cosine.min())
+        smaller = pixels[:2, :, :112, :112]  # not the captured resolution
+        torch.testing.assert_close(tower(smaller), captioner.vision(smaller))
+
+
+def test_graphs_give_the_captions_of_eager_forwards(scenes):
+    """Tower and decode steps replayed from CUDA graphs caption like eager forwards."""
     images = [scene.image for scene in scenes]
     graphed = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cuda")
     eager = InProcessCaptioner.from_pretrained(BUNDLED_MODEL, device="cuda", cuda_graphs=False)
     assert graphed.decode_backend().graphs.captured and eager.decode_backend().graphs is None
-    features = graphed.encode(images)
-    with_graphs, without = graphed.caption_features(features), eager.caption_features(features)
+    assert isinstance(graphed.tower(), TowerGraphs) and eager.tower() is eager.vision
+    with_graphs, without = graphed.caption(images), eager.caption(images)
     same = sum(a == b for a, b in zip(with_graphs, without, strict=True))
     print(f"captions identical with and without CUDA graphs: {same} of {len(images)}")
     assert same >= len(images) - 2, [(a, b) for a, b in zip(with_graphs, without, strict=True) if a != b]

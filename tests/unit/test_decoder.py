@@ -11,8 +11,8 @@ import torch
 from lm_worker.model.backend import DecoderBackend, LocalDecoderBackend
 from lm_worker.model.config import ConfigError, DecoderConfig
 from lm_worker.model.decoder import Step37Decoder
-from lm_worker.model.graphs import graph_batch_sizes
 from lm_worker.model.kv_cache import CacheCapacityError
+from services.common.graphs import padded_batch_sizes
 
 ATOL = 1e-4
 
@@ -228,7 +228,8 @@ def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> 
 def test_fixed_shape_steps_pad_into_the_scratch_slot() -> None:
     """Three running sequences decode in the size-4 step: the padding row writes only
     the scratch slot (one row past the slots handed out), never a sequence's keys."""
-    assert graph_batch_sizes(5) == [1, 2, 4, 5] and graph_batch_sizes(1) == [1] and graph_batch_sizes(8) == [1, 2, 4, 8]
+    assert padded_batch_sizes(5) == [1, 2, 4, 5] and padded_batch_sizes(1) == [1]
+    assert padded_batch_sizes(8) == [1, 2, 4, 8]
     decoder = make_decoder(seed=2)
     sequences = [[7, 3, 9, 12, 30, 31, 32, 33], [1, 2, 3, 4, 5, 6, 7, 8], [40, 30, 20, 10, 11, 12, 13, 14]]
     expected = [full_logits(decoder, tokens) for tokens in sequences]
