@@ -58,7 +58,7 @@ step 60 insert "$py" bench/insert.py --dtype bfloat16 --rounds 21
 step 150 eval-demo "$py" -m services.cli eval-demo --scenes 500 --compare-in-process --device cuda \
     --out bench/results/eval-demo-cuda.json
 step 90 decode-step "$py" bench/decode_step.py --device cuda
-step 180 e2e "$py" bench/e2e.py --rounds 1 --requests 64 --device cuda
+step 200 e2e "$py" bench/e2e.py --rounds 2 --requests 64 --device cuda
 step 200 lm-worker "$py" bench/lm_worker.py --device cuda --rounds 2
 step 120 encoder "$py" bench/encoder.py --requests 128 --rounds 3
 rm -f "$started_marker"

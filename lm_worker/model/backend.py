@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from lm_worker.model.decoder import Step37Decoder
-from lm_worker.model.graphs import DecodeGraphs
+from lm_worker.model.graphs import DecodeGraphs, PrefillGraphs
 from lm_worker.model.kv_cache import KVCache
 from services.common.graphs import padded_batch_sizes
 
@@ -70,10 +70,11 @@ class LocalDecoderBackend:
     one forward per sequence at serving batch sizes. Prefill appends at the slot's
     current length, so a prompt may also be fed in chunks.
 
-    ``cuda_graphs`` (default: on when the decoder is on a GPU) runs decode steps as
-    fixed-shape steps replayed from CUDA graphs (:mod:`lm_worker.model.graphs`),
-    captured here, once; if capturing fails, decoding stays eager and says why. On the
-    CPU, ``True`` runs the same fixed-shape steps without graphs (for tests).
+    ``cuda_graphs`` (default: on when the decoder is on a GPU) runs decode steps, and the
+    prefill of short prompts, as fixed-shape steps replayed from CUDA graphs
+    (:mod:`lm_worker.model.graphs`), captured here, once; if capturing fails, they stay
+    eager and it says why. On the CPU, ``True`` runs the same fixed-shape steps without
+    graphs (for tests).
     """
 
     def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int,
@@ -87,11 +88,14 @@ class LocalDecoderBackend:
             max_batch_size=max_batch_size, max_seq_len=max_seq_len, scratch_slot=fixed_shapes
         )
         self.graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         if fixed_shapes:
             try:
                 self.graphs = DecodeGraphs(decoder, self.cache, padded_batch_sizes(max_batch_size), capture=on_gpu)
+                self.prefill_graphs = PrefillGraphs(decoder, self.cache, capture=on_gpu)
             except RuntimeError as exc:  # pragma: no cover - needs a GPU whose capture fails
-                logger.warning("capturing CUDA graphs for decode failed (%s); decode steps stay eager", exc)
+                self.graphs = self.prefill_graphs = None
+                logger.warning("capturing CUDA graphs failed (%s); prefill and decode stay eager", exc)
 
     @property
     def embed_tokens(self) -> nn.Embedding:
@@ -131,6 +135,11 @@ class LocalDecoderBackend:
                 )
         lengths = [emb.shape[0] for emb in embeddings]
         longest = max(lengths)
+        if self.prefill_graphs is not None and self.prefill_graphs.fits(len(slots), longest):
+            starts = self.cache.check_append(slots, lengths, longest)
+            logits = self.prefill_graphs.prefill(slots, starts, embeddings)  # [n, V]
+            self.cache.advance(slots, lengths)
+            return logits
         batch = torch.zeros(
             longest, len(slots), hidden_size, dtype=self._dtype, device=self._device
         )  # [S_max, n, H], right-padded

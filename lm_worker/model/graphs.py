@@ -27,7 +27,7 @@ from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.kv_cache import CacheStep, KVCache
 from services.common.graphs import capture as capture_graph
 
-__all__ = ["DecodeGraphs"]
+__all__ = ["DecodeGraphs", "PrefillGraphs"]
 
 
 class DecodeGraphs:
@@ -106,3 +106,96 @@ class DecodeGraphs:
         self._copied.record()
         self._graphs[size].replay()
         return self._logits[size][:count].clone()  # the next replay overwrites the graph's output
+
+
+class PrefillGraphs:
+    """Prefill of short prompts on fixed shapes, captured as CUDA graphs when ``capture``.
+
+    Newcomers are padded to the next captured batch size and their prompts to the next
+    captured length (16, 32, 64, 128: short prompts, whose prefill is launch-bound like a
+    decode step; longer ones, or more newcomers than the largest batch, prefill eagerly).
+    A padded column writes its K/V into the scratch slot, so a slot receives exactly
+    its prompt; a padding row is a one-token prompt in the scratch slot.
+    """
+
+    LENGTHS = (16, 32, 64, 128)
+    MAX_BATCH = 8
+
+    def __init__(self, decoder: Step37Decoder, cache: KVCache, *, capture: bool) -> None:
+        if cache.scratch_slot is None:
+            raise ValueError("fixed-shape prefill steps need a KV cache with a scratch slot")
+        self.decoder = decoder
+        self.cache = cache
+        self.batch_sizes = [size for size in (1, 2, 4, 8) if size < min(cache.max_batch_size, self.MAX_BATCH)]
+        self.batch_sizes.append(min(cache.max_batch_size, self.MAX_BATCH))
+        self.lengths = sorted({min(length, cache.max_seq_len) for length in self.LENGTHS})
+        device, weight = cache.device, decoder.embed_tokens.weight
+        self._key_positions = torch.arange(cache.max_seq_len, device=device)  # [T]
+        self._columns = {length: torch.arange(length, device=device) for length in self.lengths}
+        self._rows = {size: torch.arange(size, device=device) for size in self.batch_sizes}
+        shapes = [(size, length) for size in self.batch_sizes for length in self.lengths]
+        # Per shape: the prompts' embeddings, and slots / starts / lengths per row (device,
+        # with pinned host staging); every row starts as a one-token prompt in the scratch slot.
+        self._embeddings = {shape: torch.zeros(*shape, weight.shape[1], dtype=weight.dtype, device=device)
+                            for shape in shapes}
+        self._host = {size: torch.tensor([[cache.scratch_slot], [0], [1]]).repeat(1, size).pin_memory()
+                      if capture else torch.tensor([[cache.scratch_slot], [0], [1]]).repeat(1, size)
+                      for size in self.batch_sizes}
+        self._inputs = {shape: self._host[shape[0]].to(device) for shape in shapes}
+        self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
+        self._logits: dict[tuple[int, int], torch.Tensor] = {}
+        self._copied = torch.cuda.Event() if capture else None
+        if capture:
+            with torch.inference_mode():
+                pool = None
+                for shape in reversed(shapes):  # largest first: the smaller graphs reuse its memory
+                    step = lambda shape=shape: self._step(shape)  # noqa: E731
+                    self._graphs[shape], self._logits[shape] = capture_graph(step, device, pool)
+                    pool = self._graphs[shape].pool()
+
+    def fits(self, count: int, longest: int) -> bool:
+        return count <= self.batch_sizes[-1] and longest <= self.lengths[-1]
+
+    def _step(self, shape: tuple[int, int]) -> torch.Tensor:
+        """The fixed-shape prefill over the buffers of ``shape``: logits ``[size, V]`` of each row's last token."""
+        size, length = shape
+        slots, starts, counts = self._inputs[shape].unbind(0)  # each [size]
+        columns = self._columns[length]  # [L]
+        positions = starts[:, None] + columns[None, :]  # [size, L]
+        valid = columns[None, :] < counts[:, None]  # [size, L]
+        scratch = torch.full_like(positions, self.cache.scratch_slot)
+        ends = starts + counts  # [size]
+        keys = self._key_positions
+        mask = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < ends[:, None, None])
+        step = CacheStep(
+            slots=slots, positions=positions, write_rows=self._rows[size], write_cols=columns,
+            write_slots=torch.where(valid, slots[:, None], scratch).flatten(),
+            write_positions=torch.where(valid, positions, columns[None, :]).flatten(),
+            attention_mask=mask[:, None], slot_ids=(), input_lengths=(),
+            total_length=self.cache.max_seq_len, slot_span=None, dense=True,
+        )  # fmt: skip
+        hidden = self.decoder.run_layers(self._embeddings[shape], positions, self.cache, step)  # [size, L, H]
+        last = hidden[self._rows[size], counts - 1]  # [size, H]
+        return self.decoder.compute_logits(last).float()  # [size, V]
+
+    def prefill(self, slots: Sequence[int], starts: Sequence[int], embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[n, V]`` of each prompt's last position; the caller checked the slots
+        (``KVCache.check_append``), advances their lengths afterwards, and asked :meth:`fits`."""
+        count, longest = len(slots), max(emb.shape[0] for emb in embeddings)
+        size = next(size for size in self.batch_sizes if size >= count)
+        shape = (size, next(length for length in self.lengths if length >= longest))
+        buffer = self._embeddings[shape]
+        for row, emb in enumerate(embeddings):
+            buffer[row, : emb.shape[0]].copy_(emb)
+        if self._copied is not None:
+            self._copied.synchronize()  # the last prefill's copy has left the staging buffer
+        host = self._host[size].numpy()
+        host[0, :count], host[1, :count] = slots, starts
+        host[2, :count] = [emb.shape[0] for emb in embeddings]
+        host[0, count:], host[1, count:], host[2, count:] = self.cache.scratch_slot, 0, 1
+        self._inputs[shape].copy_(self._host[size], non_blocking=True)
+        if self._copied is None:
+            return self._step(shape)[:count]
+        self._copied.record()
+        self._graphs[shape].replay()
+        return self._logits[shape][:count].clone()

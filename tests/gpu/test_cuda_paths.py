@@ -199,19 +199,21 @@ def test_bundled_model_captions_on_cuda_as_well_as_on_the_host(scenes):
     assert agree >= 0.9, agree
 
 
-def test_decode_graphs_match_eager_decode_steps():
-    """Decode steps replayed from CUDA graphs (batches padded into the scratch slot,
-    attention over whole slots) give the eager steps' logits, sequences joining and leaving."""
+def test_prefill_and_decode_graphs_match_eager_steps():
+    """Prefill and decode steps replayed from CUDA graphs (batches padded into the
+    scratch slot, attention over whole slots) give the eager steps' logits, sequences
+    joining and leaving."""
     torch.manual_seed(0)
     decoder = Step37Decoder(DecoderConfig.preset("step37-tiny", vocab_size=64)).to(CUDA).train(False)
     graphed = LocalDecoderBackend(decoder, max_batch_size=8, max_seq_len=64)
     eager = LocalDecoderBackend(decoder, max_batch_size=8, max_seq_len=64, cuda_graphs=False)
     assert graphed.graphs is not None and graphed.graphs.captured and eager.graphs is None
+    assert graphed.prefill_graphs is not None and eager.prefill_graphs is None
     gen = torch.Generator().manual_seed(1)
     prompts = [torch.randn(length, 128, generator=gen).to(CUDA) for length in (5, 9, 3)]
     slots = {name: [backend.allocate() for _ in prompts] for name, backend in (("g", graphed), ("e", eager))}
-    for name, backend in (("g", graphed), ("e", eager)):
-        backend.prefill(slots[name], prompts)
+    first = {name: backend.prefill(slots[name], prompts) for name, backend in (("g", graphed), ("e", eager))}
+    torch.testing.assert_close(first["g"], first["e"], atol=2e-4, rtol=1e-4)
     rows = [0, 1, 2]
     for step in range(12):
         if step == 6:

@@ -226,8 +226,9 @@ def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> 
 
 
 def test_fixed_shape_steps_pad_into_the_scratch_slot() -> None:
-    """Three running sequences decode in the size-4 step: the padding row writes only
-    the scratch slot (one row past the slots handed out), never a sequence's keys."""
+    """Three newcomers prefill, and three running sequences decode, in size-4 steps: the
+    padding row writes only the scratch slot (one row past the slots handed out), never
+    a sequence's keys."""
     assert padded_batch_sizes(5) == [1, 2, 4, 5] and padded_batch_sizes(1) == [1]
     assert padded_batch_sizes(8) == [1, 2, 4, 8]
     decoder = make_decoder(seed=2)
@@ -243,6 +244,12 @@ def test_fixed_shape_steps_pad_into_the_scratch_slot() -> None:
         for row, want in enumerate(expected):
             torch.testing.assert_close(logits[row], want[position], atol=ATOL, rtol=0)
     assert [backend.sequence_length(slot) for slot in slots] == [8, 8, 8]
+    # A 3-token chunk appended at position 8 of 12 runs in the 12-column prefill step:
+    # its padded columns would run past the slot's end, so they go to the scratch slot.
+    chunk = [17, 18, 19]
+    logits = backend.prefill([slots[1]], [decoder.embed_tokens.weight[chunk].detach()])
+    torch.testing.assert_close(logits[0], full_logits(decoder, sequences[1] + chunk)[-1], atol=ATOL, rtol=0)
+    assert backend.prefill_graphs is not None and backend.prefill_graphs.lengths == [12]
 
 
 def test_decoder_input_shape_is_checked() -> None:
