@@ -103,8 +103,8 @@ def decode_step(result: dict) -> list[str]:
     if result.get("cuda_graphs_speedup"):
         speedups = ", ".join(f"{value:.1f}× at batch {batch}" for batch, value in result["cuda_graphs_speedup"].items())
         lines += [f"Steps replayed from CUDA graphs against eager steps, same process: {speedups}. A step's "
-                  "operators run as one graph launch (the aten calls left are the copy of the inputs and the "
-                  "replay).", ""]
+                  "operators run as one graph launch (the aten calls left copy the inputs in and the logits out, "
+                  "and take the benchmark's argmax).", ""]
     return lines
 
 
@@ -315,13 +315,14 @@ def gpu() -> list[str]:
              "bit-identity with the loop on the GPU, no host synchronisation in the insert under "
              "`torch.cuda.set_sync_debug_mode(\"error\")`, host→device copies from pinned memory as the CUDA "
              "profiler names them, the bundled model's bf16 tower and captions against fp32 on the host), then "
-             "the benchmarks below on the GPU. Two sessions made them. The insert and encoder runs were made on "
-             "the working tree that became commit 8ff3b34 (their files say aca9fd0-dirty; log: "
-             "`bench/results/cuda-proof-h200.log`). The GPU tests (with the decode-graph checks), the evaluation, "
-             "the decode-step, LM worker and end-to-end runs were made on the tree of commit a60c669, where decode "
-             "steps replay CUDA graphs (their files say ebcccff-dirty: the machine's copy of `.git` lagged; log: "
-             "`bench/results/cuda-proof-h200-decode-graphs.log`, two calls: the first installed no wheels, so "
-             "only the decode-step run of it counts).", ""]
+             "the benchmarks below on the GPU. The insert run was made on the working tree that became commit "
+             "8ff3b34 (its file says aca9fd0-dirty; log: `bench/results/cuda-proof-h200.log`). Everything else "
+             "below was made on the tree of commit daa6cec, where the tower's forwards, short prompts' prefill and "
+             "decode steps replay CUDA graphs: the GPU tests (with graphed-against-eager checks for all three), "
+             "the evaluation and the decode-step, LM worker, encoder and end-to-end runs (their files say "
+             "ebcccff-dirty: the machine's copy of `.git` lagged; log: call 3 of "
+             "`bench/results/cuda-proof-h200-decode-graphs.log`, whose calls 1 and 2 are the runs with decode "
+             "graphs only that README's history quotes).", ""]
     if evaluation is not None:
         served, local = evaluation["decoupled"], evaluation["in_process"]
         lines += ["## Bundled model on the GPU (bf16), through the decoupled services", "",
