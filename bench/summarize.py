@@ -212,10 +212,10 @@ def e2e_on_gpu(result: dict) -> list[str]:
              f"{stages['lm.decode']:.0f} of the request's {stages['total']:.0f} ms; with a model this small the "
              "ratios compare the two layouts' serving overheads more than GPU arithmetic."]
     if "lm.prefill" in stages:
-        lines.append(f"Both layouts replay decode steps from CUDA graphs (the decode-step section above); "
-                     f"prefill stays eager ({stages['lm.prefill']:.1f} ms at c={level}), and where the monolithic "
-                     "pipeline prefills each batch of c images in one call, the LM worker prefills requests as they "
-                     "arrive, between decode steps.")
+        lines.append("Both layouts run the same model code (on a GPU: tower forwards, short prompts' prefill and "
+                     "decode steps replayed from CUDA graphs); where the monolithic pipeline prefills each batch of "
+                     "c images in one call (eagerly above 8), the LM worker prefills requests as they arrive, "
+                     f"between decode steps ({stages['lm.prefill']:.1f} ms per request at c={level}).")
     return [" ".join(lines), ""]
 
 

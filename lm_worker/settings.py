@@ -124,6 +124,7 @@ def load_model(settings: LMWorkerSettings) -> LoadedModel:
         raise CheckpointError(
             f"tokenizer has {tokenizer.vocab_size} tokens, the decoder only {config.vocab_size}")
     decoder.requires_grad_(False)
+    decoder.pack_joined_weights()  # serving only: the joined q/k/v and gate/up without a second copy
     fusion = ImageInsertEmbedding(decoder.embed_tokens, config.encoder_output_dim,
                                   config.hidden_size, config.projector_bias,
                                   placeholder_token_id=tokenizer.ids.im_patch, strict=True)

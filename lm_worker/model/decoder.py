@@ -31,23 +31,53 @@ class JoinedWeight:
     """Several linear weights stacked along the output dim: one matmul where there were several.
 
     Used only without autograd (serving): a decode step is a few hundred tiny kernels,
-    so their count is its cost. The checkpoint keeps the separate weights; the stack is
-    rebuilt whenever a part is replaced or changed in place (its storage or version
-    counter moves), so ``.to()``, ``load_state_dict`` and training never leave it stale.
+    so their count is its cost. The checkpoint keeps the separate weights. After
+    :meth:`pack` (the LM worker does it at load) the parts are views of one tensor, which
+    is used as is; otherwise the stack is a copy, made again when a part's memory moves
+    (replaced, ``.to()``) or changes in place (its version counter: optimizer steps,
+    ``load_state_dict``). The copy's sources are held, so a moved part cannot reappear
+    at its old address. In-place writes through ``.data`` bypass the version counter and
+    leave a copy stale: pack again after them.
     """
 
-    __slots__ = ("_key", "_value")
+    __slots__ = ("_held", "_key", "_packed", "_value")
 
     def __init__(self) -> None:
-        self._key: tuple[tuple[int, int], ...] | None = None
+        self._packed: torch.Tensor | None = None
+        self._held: tuple[torch.Tensor, ...] = ()
+        self._key: tuple[tuple[int, int], ...] = ()
         self._value: torch.Tensor | None = None
 
     def get(self, *parts: torch.Tensor) -> torch.Tensor:
+        if self._packed is not None and _consecutive_rows_of(self._packed, parts):
+            return self._packed  # the parts are its rows: always current, never copied
         key = tuple((part.data_ptr(), part._version) for part in parts)
         if key != self._key or self._value is None:
-            self._value = torch.cat([part.detach() for part in parts])  # [sum(out), in]
+            self._held = tuple(part.detach() for part in parts)
+            self._value = torch.cat(self._held)  # [sum(out), in]
             self._key = key
         return self._value
+
+    @torch.no_grad()
+    def pack(self, *linears: nn.Linear) -> None:
+        """Move the linears' weights into one tensor and make each a view of its rows."""
+        joined = torch.cat([linear.weight.detach() for linear in linears])  # [sum(out), in]
+        start = 0
+        for linear in linears:
+            rows = linear.weight.shape[0]
+            linear.weight = nn.Parameter(joined[start : start + rows], requires_grad=linear.weight.requires_grad)
+            start += rows
+        self._packed, self._held, self._key, self._value = joined, (), (), None
+
+
+def _consecutive_rows_of(joined: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> bool:
+    """Whether ``parts`` are, in order, exactly the rows of ``joined`` (same memory)."""
+    pointer, itemsize = joined.data_ptr(), joined.element_size()
+    for part in parts:
+        if part.data_ptr() != pointer or part.dtype != joined.dtype or not part.is_contiguous():
+            return False
+        pointer += part.numel() * itemsize
+    return pointer == joined.data_ptr() + joined.numel() * itemsize
 
 
 class RMSNorm(nn.Module):
@@ -312,6 +342,15 @@ class Step37Decoder(nn.Module):
             decoder_input, kv_cache=kv_cache, slots=slots, input_lengths=input_lengths
         )
         return self.compute_logits(hidden)
+
+    def pack_joined_weights(self) -> None:
+        """For serving: each layer's q/k/v and gate/up weights become rows of one tensor,
+        so the joined matmuls read them in place (no second copy). Names, shapes, values
+        and the saved checkpoint are unchanged; call it after moving the model."""
+        for layer in self.layers:
+            attention, mlp = layer.self_attn, layer.mlp
+            attention._qkv.pack(attention.q_proj, attention.k_proj, attention.v_proj)
+            mlp._gate_up.pack(mlp.gate_proj, mlp.up_proj)
 
     def new_kv_cache(self, *, max_batch_size: int, max_seq_len: int, scratch_slot: bool = False) -> KVCache:
         """A cache sized for this decoder, on its device and in its dtype."""

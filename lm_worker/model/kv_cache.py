@@ -19,6 +19,7 @@ device tensor would cost a sync per read.
 
 from __future__ import annotations
 
+import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -88,8 +89,9 @@ class KVCache:
         self.device = self.keys[0].device if num_layers else torch.device(device or "cpu")
         self._lengths = [0] * max_batch_size
         self._in_use = [False] * max_batch_size
-        # Popped from the end: hand out low slot numbers first (easier to read in logs).
-        self._free = list(range(max_batch_size - 1, -1, -1))
+        # A min-heap: the lowest free slot goes first, so the running slots tend to stay
+        # one ascending run, which a step reads as a view (``slot_span``), not a gather.
+        self._free = list(range(max_batch_size))
 
     @property
     def num_free_slots(self) -> int:
@@ -99,7 +101,7 @@ class KVCache:
         """Reserve an empty slot for a new sequence."""
         if not self._free:
             raise CacheCapacityError(f"all {self.max_batch_size} KV-cache slots are in use")
-        slot = self._free.pop()
+        slot = heapq.heappop(self._free)
         self._in_use[slot] = True
         self._lengths[slot] = 0
         return slot
@@ -109,7 +111,7 @@ class KVCache:
         self._check_slot(slot)
         self._in_use[slot] = False
         self._lengths[slot] = 0
-        self._free.append(slot)
+        heapq.heappush(self._free, slot)
 
     def length(self, slot: int) -> int:
         """Number of cached positions of the sequence in ``slot``."""
@@ -191,8 +193,9 @@ class KVCache:
         """Write this step's K/V ``[B, num_kv_heads, S, head_dim]`` for ``layer``.
 
         Returns the keys and values to attend over, ``[B, num_kv_heads, T, head_dim]``:
-        a view of the cache when the slots are one ascending run (the usual case: the
-        scheduler hands out low slots first), else a gathered copy.
+        a view of the cache when the slots are one ascending run (the free list hands out
+        the lowest slot first, so a batch that did not lose a middle member is one), else
+        a gathered copy.
         """
         cache_k, cache_v = self.keys[layer], self.values[layer]
         if step.dense:

@@ -8,6 +8,7 @@ backend as the services; only the wire is missing.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +30,12 @@ DEFAULT_PROMPT = "<image>"
 
 
 class InProcessCaptioner:
-    """Greedy captions for a batch of images, all in one process."""
+    """Greedy captions for a batch of images, all in one process.
+
+    Thread-safe by serialising: one KV cache (and, on a GPU, one set of graphs with
+    their fixed input buffers) serves every call, so calls from several threads take
+    turns rather than interleave.
+    """
 
     def __init__(self, vision: Step37VisionModel, decoder: Step37Decoder, fusion: ImageInsertEmbedding,
                  tokenizer: Step37Tokenizer, *, max_batch_size: int = 64,
@@ -47,6 +53,7 @@ class InProcessCaptioner:
         self._backend_weights: tuple[tuple[int, int], ...] = ()
         self._tower: TowerGraphs | None = None
         self._tower_weights: tuple[tuple[int, int], ...] = ()
+        self._lock = threading.Lock()
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None, max_batch_size: int = 64,
@@ -71,7 +78,8 @@ class InProcessCaptioner:
         """Images → vision features ``[N, L, C]``."""
         weight = next(self.vision.parameters())
         pixels = to_device(preprocess_batch(images, self.image_size), weight.device)  # the tower casts
-        features = self.tower()(pixels)  # [N, L, C]
+        with self._lock:
+            features = self.tower()(pixels)  # [N, L, C]
         if self.wire_dtype is not None:
             features = features.to(self.wire_dtype).to(features.dtype)
         return features
@@ -81,8 +89,10 @@ class InProcessCaptioner:
                          max_new_tokens: int = 48) -> list[str]:
         """Greedy captions from features ``[N, L, C]``, one image per caption."""
         captions: list[str] = []
-        for start in range(0, features.shape[0], self.max_batch_size):
-            captions += self._caption_chunk(features[start : start + self.max_batch_size], prompt, max_new_tokens)
+        with self._lock:
+            for start in range(0, features.shape[0], self.max_batch_size):
+                captions += self._caption_chunk(features[start : start + self.max_batch_size], prompt,
+                                                max_new_tokens)
         return captions
 
     def caption(self, images: Sequence[ImageInput], *, prompt: str = DEFAULT_PROMPT,
@@ -97,7 +107,8 @@ class InProcessCaptioner:
             return self.vision
         weights = _weights_key(self.vision)
         if self._tower is None or weights != self._tower_weights:
-            self._tower = TowerGraphs(self.vision, self.max_batch_size)
+            with torch.inference_mode(False):  # its buffers outlive this call's inference mode
+                self._tower = TowerGraphs(self.vision, self.max_batch_size)
             self._tower_weights = weights
         return self._tower
 
@@ -110,7 +121,8 @@ class InProcessCaptioner:
         """
         weights = _weights_key(self.decoder)
         if self._backend is None or weights != self._backend_weights:
-            self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
+            with torch.inference_mode(False):  # its cache outlives this call's inference mode
+                self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
                                                 max_seq_len=self.decoder.config.max_position_embeddings,
                                                 cuda_graphs=self.cuda_graphs)
             self._backend_weights = weights
@@ -126,8 +138,10 @@ class InProcessCaptioner:
         input_ids = torch.tensor([prompt_ids] * count)  # [N, S]
         item = ImageForInsert(self.tokenizer.ids.im_start, image_features=features)
         fused = self.fusion(input_ids, [item])  # [S, N, H]
-        slots = [backend.allocate() for _ in range(count)]
+        slots: list[int] = []
         try:
+            for _ in range(count):
+                slots.append(backend.allocate())
             return self._generate(backend, slots, fused, max_new_tokens)
         finally:
             for slot in slots:

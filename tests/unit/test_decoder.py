@@ -126,6 +126,38 @@ def test_serving_path_matches_training_path_and_follows_weight_updates() -> None
     torch.testing.assert_close(replaced_serving, replaced_training, atol=1e-5, rtol=0)
 
 
+def test_packed_weights_serve_in_place_and_follow_loads() -> None:
+    """pack_joined_weights makes q/k/v and gate/up rows of one tensor: the serving
+    matmuls read that tensor itself (no copy), the checkpoint view is unchanged, a
+    load_state_dict shows through, and moving the model falls back to a fresh copy."""
+    decoder = make_decoder(seed=3)
+    tokens = [5, 6, 7, 8]
+    embedded = decoder.embed_tokens.weight[tokens].detach()[:, None]  # [S, 1, H]
+    before = {name: value.clone() for name, value in decoder.state_dict().items()}
+    with torch.inference_mode():
+        expected = decoder(embedded)
+    decoder.pack_joined_weights()
+    after = decoder.state_dict()
+    assert list(after) == list(before) and all(torch.equal(after[name], before[name]) for name in before)
+    attention, mlp = decoder.layers[0].self_attn, decoder.layers[0].mlp
+    qkv = attention._qkv.get(attention.q_proj.weight, attention.k_proj.weight, attention.v_proj.weight)
+    assert qkv.data_ptr() == attention.q_proj.weight.data_ptr() and qkv.shape == (4 * 16 + 2 * 2 * 16, 48)
+    assert mlp._gate_up.get(mlp.gate_proj.weight, mlp.up_proj.weight).data_ptr() == mlp.gate_proj.weight.data_ptr()
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder(embedded), expected, atol=1e-6, rtol=0)
+    decoder.load_state_dict(make_decoder(seed=4).state_dict())  # copies into the packed rows
+    training = decoder(embedded).detach()
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder(embedded), training, atol=1e-5, rtol=0)
+    decoder.layers[1].self_attn.q_proj.weight = torch.nn.Parameter(decoder.layers[1].self_attn.q_proj.weight + 1)
+    training = decoder(embedded).detach()
+    with torch.inference_mode():  # layer 1's q/k/v no longer alias its packed tensor: a copy is used
+        torch.testing.assert_close(decoder(embedded), training, atol=1e-5, rtol=0)
+    decoder.double()  # new memory under the same parameters: the cached copy must not be reused
+    with torch.inference_mode():
+        torch.testing.assert_close(decoder(embedded.double()), training.double(), atol=1e-5, rtol=0)
+
+
 def test_tied_head_has_no_lm_head_and_reuses_embedding() -> None:
     decoder = make_decoder(tie_word_embeddings=True)
     assert decoder.lm_head is None
@@ -250,6 +282,9 @@ def test_fixed_shape_steps_pad_into_the_scratch_slot() -> None:
     logits = backend.prefill([slots[1]], [decoder.embed_tokens.weight[chunk].detach()])
     torch.testing.assert_close(logits[0], full_logits(decoder, sequences[1] + chunk)[-1], atol=ATOL, rtol=0)
     assert backend.prefill_graphs is not None and backend.prefill_graphs.lengths == [12]
+    # The two slots never handed out were never written: padding went to the scratch slot only.
+    for stored in (*backend.cache.keys, *backend.cache.values):
+        assert not stored[3:5].any() and stored[5].any()
 
 
 def test_decoder_input_shape_is_checked() -> None:
