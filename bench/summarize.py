@@ -317,12 +317,12 @@ def gpu() -> list[str]:
              "profiler names them, the bundled model's bf16 tower and captions against fp32 on the host), then "
              "the benchmarks below on the GPU. The insert run was made on the working tree that became commit "
              "8ff3b34 (its file says aca9fd0-dirty; log: `bench/results/cuda-proof-h200.log`). Everything else "
-             "below was made on the tree of commit daa6cec, where the tower's forwards, short prompts' prefill and "
-             "decode steps replay CUDA graphs: the GPU tests (with graphed-against-eager checks for all three), "
-             "the evaluation and the decode-step, LM worker, encoder and end-to-end runs (their files say "
-             "ebcccff-dirty: the machine's copy of `.git` lagged; log: call 3 of "
-             "`bench/results/cuda-proof-h200-decode-graphs.log`, whose calls 1 and 2 are the runs with decode "
-             "graphs only that README's history quotes).", ""]
+             "below ran with the tower's forwards, short prompts' prefill and decode steps replayed from CUDA "
+             "graphs (their files say ebcccff-dirty: the machine's copy of `.git` lagged; log: "
+             "`bench/results/cuda-proof-h200-decode-graphs.log`): the decode-step, encoder and end-to-end runs on "
+             "the tree of commit daa6cec (call 3), the GPU tests (with graphed-against-eager checks for all "
+             "three), the evaluation and the LM worker run again on the tree of e51eb13, after a review's fixes "
+             "(call 4). Calls 1 and 2 are the runs with decode graphs only that README's history quotes.", ""]
     if evaluation is not None:
         served, local = evaluation["decoupled"], evaluation["in_process"]
         lines += ["## Bundled model on the GPU (bf16), through the decoupled services", "",
