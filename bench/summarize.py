@@ -286,6 +286,24 @@ def loadtests() -> list[str]:
     return lines
 
 
+def loadtest_cost() -> list[str]:
+    now, before = load("loadtest_cost-cpu"), load("loadtest_cost-per-request-proxy-lookup-cpu")
+    if now is None:
+        return []
+    config = now["config"]
+    lines = ["## The load tester's own cost", "",
+             f"`python bench/loadtest_cost.py --concurrency {config['concurrency']} --requests {config['requests']} "
+             f"--rounds {config['rounds']}` — " + provenance(now), "",
+             f"The load tester spends {now['median']['cpu_ms_per_request']:.2f} ms of CPU per request at concurrency "
+             f"{config['concurrency']} against the bundled system ({now['median']['requests_per_s']:.1f} req/s), "
+             "CPU the services do not get on a 2-core machine."]
+    if before is not None:
+        lines[-1] += (f" With aiohttp's own proxy handling, which looks up the environment and parses ~/.netrc on "
+                      f"every request (the run swapped the transport of commit 4f4999b^ into the tree), it spent "
+                      f"{before['median']['cpu_ms_per_request']:.2f} ms.")
+    return [*lines, ""]
+
+
 def aiperf_crosscheck() -> list[str]:
     path = RESULTS / "aiperf-crosscheck" / "comparison.json"
     if not path.exists():
@@ -352,6 +370,7 @@ def main() -> None:
         if result is not None:
             lines += render(result)
     lines += loadtests()
+    lines += loadtest_cost()
     lines += aiperf_crosscheck()
     lines += gpu()
     print("\n".join(lines))
