@@ -7,7 +7,14 @@ import socket
 
 import uvicorn
 
-__all__ = ["find_free_port", "serve", "setup_logging"]
+__all__ = ["KEEP_ALIVE_S", "find_free_port", "serve", "setup_logging"]
+
+# How long a server keeps an idle keep-alive connection open. Longer than any of our
+# clients keeps one (the gateway's and the load tester's transports: 15 s), so the
+# client side always closes first: a server that gave up first (uvicorn's default is
+# 5 s) could close a connection just as a client reuses it, failing that request with
+# a write error (and, for the gateway, counting it against a healthy endpoint).
+KEEP_ALIVE_S = 75.0
 
 
 def setup_logging(level: str = "info") -> None:
@@ -32,5 +39,5 @@ def serve(app: object, *, host: str, port: int, log_level: str = "info") -> None
     """
     setup_logging(log_level)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, access_log=False, log_config=None,
-                            timeout_graceful_shutdown=10)
+                            timeout_graceful_shutdown=10, timeout_keep_alive=KEEP_ALIVE_S)
     uvicorn.Server(config).run()

@@ -68,3 +68,18 @@ async def test_wire_errors_answer_with_their_own_status_without_registration():
         response = await client.post("/decode", content=b"\xc1")
     assert response.status_code == 400
     assert response.json()["error"]["type"] == "malformed_message"
+
+
+def test_servers_keep_idle_connections_longer_than_our_clients(monkeypatch):
+    """A server that closed idle keep-alive connections before our clients do could close
+    one just as the gateway (or the load tester) reuses it: that request would fail."""
+    import uvicorn
+
+    from services.common.server import KEEP_ALIVE_S, serve
+    from services.common.transport import AiohttpTransport
+
+    seen: list[uvicorn.Config] = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *args, **kwargs: seen.append(self.config))
+    serve(FastAPI(), host="127.0.0.1", port=0)
+    assert seen and seen[0].timeout_keep_alive == KEEP_ALIVE_S
+    assert AiohttpTransport(max_connections=1).keepalive_s < KEEP_ALIVE_S
