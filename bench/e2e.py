@@ -45,6 +45,7 @@ from services.loadtest.workload import Workload, WorkloadConfig
 # Stages the gateway reports; the wire's share is transfer (gateway ↔ services, both
 # directions, msgpack included) plus the encoder's serialisation of the features.
 WIRE_STAGES = ("transfer", "encoder.serialize")
+LOG_DIR = RESULTS_DIR / "tmp" / "e2e-logs"
 
 
 def cpu_seconds(pid: int) -> float | None:
@@ -72,7 +73,11 @@ def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse:
                         GeneratedImages("scenes", 224, "png", seed=seed))
     tester = LoadTester(settings, workload)
     (result,) = asyncio.run(tester.run([LoadPoint(concurrency=concurrency)]))
-    return summarize(result.records, not_sent=result.not_sent)
+    summary = summarize(result.records, not_sent=result.not_sent)
+    counts = summary["requests"]
+    if counts["ok"] != requests:  # a point that lost requests measures the failure, not the system
+        raise RuntimeError(f"c={concurrency}, reuse {reuse}: {counts} (see the services' logs in {LOG_DIR})")
+    return summary
 
 
 def monolithic_point(captioner: InProcessCaptioner, concurrency: int, requests: int, seed: int) -> dict:
@@ -109,7 +114,7 @@ def main() -> None:
     captioner = InProcessCaptioner.from_pretrained(args.model, device=str(device))
     samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
                                                  for v in ("decoupled", "monolithic", "decoupled_reuse50")}
-    with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(RESULTS_DIR / "tmp" / "e2e-logs"))) as stack:
+    with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(LOG_DIR))) as stack:
         for round_index in range(args.rounds):
             for concurrency in levels:
                 seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points
