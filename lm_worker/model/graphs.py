@@ -138,9 +138,10 @@ class PrefillGraphs:
         # with pinned host staging); every row starts as a one-token prompt in the scratch slot.
         self._embeddings = {shape: torch.zeros(*shape, weight.shape[1], dtype=weight.dtype, device=device)
                             for shape in shapes}
-        self._host = {size: torch.tensor([[cache.scratch_slot], [0], [1]]).repeat(1, size).pin_memory()
-                      if capture else torch.tensor([[cache.scratch_slot], [0], [1]]).repeat(1, size)
-                      for size in self.batch_sizes}
+        self._host = {}
+        for size in self.batch_sizes:
+            staging = torch.tensor([[cache.scratch_slot], [0], [1]]).repeat(1, size)  # [3, size]
+            self._host[size] = staging.pin_memory() if capture else staging
         self._inputs = {shape: self._host[shape[0]].to(device) for shape in shapes}
         self._graphs: dict[tuple[int, int], torch.cuda.CUDAGraph] = {}
         self._logits: dict[tuple[int, int], torch.Tensor] = {}
