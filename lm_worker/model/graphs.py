@@ -26,6 +26,7 @@ import torch
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.kv_cache import CacheStep, KVCache
 from services.common.graphs import capture as capture_graph
+from services.common.graphs import padded_batch_sizes
 
 __all__ = ["DecodeGraphs", "PrefillGraphs"]
 
@@ -126,8 +127,7 @@ class PrefillGraphs:
             raise ValueError("fixed-shape prefill steps need a KV cache with a scratch slot")
         self.decoder = decoder
         self.cache = cache
-        self.batch_sizes = [size for size in (1, 2, 4, 8) if size < min(cache.max_batch_size, self.MAX_BATCH)]
-        self.batch_sizes.append(min(cache.max_batch_size, self.MAX_BATCH))
+        self.batch_sizes = padded_batch_sizes(min(cache.max_batch_size, self.MAX_BATCH))
         self.lengths = sorted({min(length, cache.max_seq_len) for length in self.LENGTHS})
         device, weight = cache.device, decoder.embed_tokens.weight
         self._key_positions = torch.arange(cache.max_seq_len, device=device)  # [T]
