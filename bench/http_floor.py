@@ -3,11 +3,13 @@
     python bench/http_floor.py
 
 Starts the system on the bundled model and times ``GET /health`` on the encoder and
-the LM worker from an ``httpx.AsyncClient`` (keep-alive, one request at a time), once
-over httpx's own transport and once over the gateway's ``AiohttpTransport``, in the
-same run. Every request the gateway serves makes two such calls, so twice this is the
-part of ``transfer`` (bench/e2e.py) that no serialisation change removes: the floor of
-the wire overhead on this machine with this HTTP stack.
+the LM worker (keep-alive, one request at a time) from three clients in the same run:
+``httpx.AsyncClient`` over httpx's own transport, the same client over the gateway's
+``AiohttpTransport``, and the gateway's ``LeanClient`` over that transport. Besides
+the round trip it records the client's own CPU time per call (its thread's). Every
+request the gateway serves makes two such calls, so twice this is the part of
+``transfer`` (bench/e2e.py) that no serialisation change removes: the floor of the
+wire overhead on this machine with this HTTP stack.
 """
 
 from __future__ import annotations
@@ -23,43 +25,56 @@ import httpx
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import write_result
-from services.common.transport import AiohttpTransport
+from services.common.transport import AiohttpTransport, LeanClient
 from services.launcher import Stack, StackConfig
 
 WARMUP, SAMPLES = 20, 300
 
 
-TRANSPORTS = {"httpx": lambda: None, "aiohttp": lambda: AiohttpTransport(max_connections=4)}
+CLIENTS = {
+    "httpx": lambda: httpx.AsyncClient(),
+    "aiohttp": lambda: httpx.AsyncClient(transport=AiohttpTransport(max_connections=4)),
+    "lean": lambda: LeanClient(transport=AiohttpTransport(max_connections=4)),
+}
 
 
-async def round_trips(url: str, transport: httpx.AsyncBaseTransport | None) -> list[float]:
-    async with httpx.AsyncClient(transport=transport) as client:
+async def round_trips(url: str, client: httpx.AsyncClient) -> tuple[list[float], float]:
+    """Round-trip times (ms) and the client thread's CPU ms per call."""
+    async with client:
         for _ in range(WARMUP):
             (await client.get(url)).raise_for_status()
         times = []
+        cpu_started = time.thread_time()
         for _ in range(SAMPLES):
             start = time.perf_counter()
             (await client.get(url)).raise_for_status()
             times.append(1e3 * (time.perf_counter() - start))
-    return times
+        cpu_ms = 1e3 * (time.thread_time() - cpu_started) / SAMPLES
+    return times, cpu_ms
 
 
 def main() -> None:
-    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in TRANSPORTS}
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in CLIENTS}
     with Stack(StackConfig(device="cpu")) as stack:
         for name, service in (("encoder", stack.encoders[0]), ("lm_worker", stack.lm_workers[0])):
-            for transport, make in TRANSPORTS.items():
-                times = sorted(asyncio.run(round_trips(service.url + "/health", make())))
-                results[transport][name] = {"median_ms": statistics.median(times),
-                                            "p90_ms": times[int(0.9 * len(times))], "samples": len(times)}
-                print(f"{name:<10} {transport:<8} GET /health: median {results[transport][name]['median_ms']:.2f} ms, "
-                      f"p90 {results[transport][name]['p90_ms']:.2f} ms")
-    floors = {transport: by_service["encoder"]["median_ms"] + by_service["lm_worker"]["median_ms"]
-              for transport, by_service in results.items()}
-    summary = {"results": results, "two_calls_ms": floors,
-               "aiohttp_over_httpx": floors["aiohttp"] / floors["httpx"]}
-    print(f"two calls per request: {floors['httpx']:.2f} ms over httpx's transport, {floors['aiohttp']:.2f} ms "
-          f"over aiohttp's\nwrote {write_result('http_floor', summary)}")
+            for client, make in CLIENTS.items():
+                times, cpu_ms = asyncio.run(round_trips(service.url + "/health", make()))
+                times.sort()
+                results[client][name] = row = {"median_ms": statistics.median(times),
+                                               "p90_ms": times[int(0.9 * len(times))],
+                                               "client_cpu_ms_per_call": cpu_ms, "samples": len(times)}
+                print(f"{name:<10} {client:<8} GET /health: median {row['median_ms']:.2f} ms, "
+                      f"p90 {row['p90_ms']:.2f} ms, client CPU {cpu_ms:.2f} ms per call")
+    floors = {client: by_service["encoder"]["median_ms"] + by_service["lm_worker"]["median_ms"]
+              for client, by_service in results.items()}
+    client_cpu = {client: by_service["encoder"]["client_cpu_ms_per_call"]
+                  + by_service["lm_worker"]["client_cpu_ms_per_call"] for client, by_service in results.items()}
+    summary = {"results": results, "two_calls_ms": floors, "two_calls_client_cpu_ms": client_cpu,
+               "aiohttp_over_httpx": floors["aiohttp"] / floors["httpx"],
+               "lean_over_aiohttp_client_cpu": client_cpu["lean"] / client_cpu["aiohttp"]}
+    print("two calls per request: " + ", ".join(
+        f"{client} {floors[client]:.2f} ms ({client_cpu[client]:.2f} ms of client CPU)" for client in CLIENTS)
+        + f"\nwrote {write_result('http_floor', summary)}")
 
 
 if __name__ == "__main__":

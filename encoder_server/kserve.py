@@ -76,7 +76,7 @@ def model_facts(service: EncoderService) -> metadata.ModelFacts:
     )
 
 
-def resolve_model(request: Request, name: str, service: Service) -> metadata.ModelFacts:
+async def resolve_model(request: Request, name: str, service: Service) -> metadata.ModelFacts:
     """The served model when ``name`` (and ``version``, on versioned paths) designate it."""
     version = request.path_params.get("version")
     if name != service.name:

@@ -28,7 +28,8 @@ __all__ = ["get_service", "router"]
 router = APIRouter()
 
 
-def get_service(request: Request) -> EncoderService:
+async def get_service(request: Request) -> EncoderService:
+    # async: FastAPI runs a plain-def dependency on a worker thread, a thread hop per request
     return request.app.state.service
 
 

@@ -60,10 +60,18 @@ def _inflate(body: bytes, encoding: str, max_bytes: int, field: str) -> bytes:
     return out
 
 
+# Below this size a wire message is sent as one body: a streamed response costs more
+# (Starlette runs a task group to watch for a disconnect) than copying it once.
+STREAM_ABOVE_BYTES = 1 << 20
+
+
 def msgpack_response(message: object, *, headers: dict[str, str] | None = None) -> Response:
-    """Stream a wire message; tensor payloads go out without being copied into one buffer."""
+    """A wire message as a response; a large one is streamed, its tensor payloads sent
+    without being copied into one buffer."""
     chunks = _coalesce(proto.encode_chunks(message))
     length = sum(len(chunk) if isinstance(chunk, bytes) else chunk.nbytes for chunk in chunks)
+    if length <= STREAM_ABOVE_BYTES:
+        return Response(b"".join(chunks), media_type=proto.CONTENT_TYPE, headers=headers)
 
     async def body():
         for chunk in chunks:

@@ -10,6 +10,11 @@ types (``services.gateway.upstream`` maps those to gateway errors), and tests ke
 ``httpx.MockTransport`` as their seam. The gateway still fetches image URLs with
 httpx's own transport: that path is not latency-bound.
 
+:class:`LeanClient` is the ``httpx.AsyncClient`` those calls go through: its ``send``
+hands a request straight to the transport, skipping the cookie jar, the auth flow and
+the redirect loop that ``httpx.AsyncClient.send`` runs for every call (about 0.4 ms of
+CPU per call on the 2-core machine, as much again as the transport itself).
+
 The mapping: httpx's per-request ``connect`` timeout bounds waiting for a pooled
 connection and opening one, its ``read`` timeout the gap between received bytes.
 Connection failures become ``httpx.ConnectError``/``ConnectTimeout``, a connection
@@ -27,7 +32,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 import httpx
 
-__all__ = ["AiohttpTransport"]
+__all__ = ["AiohttpTransport", "LeanClient"]
 
 # Set by aiohttp itself from the URL and body; forwarding httpx's would duplicate them.
 _SKIP_HEADERS = frozenset({"host", "content-length", "transfer-encoding", "connection"})
@@ -118,3 +123,41 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+class LeanClient(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` for calls to our own services (and the load tester's target).
+
+    ``send`` hands the request to the transport and returns its response as it is: no
+    cookies are stored or sent, no auth flow runs, redirects are returned, not followed
+    (our services answer none), and event hooks are not called. A request that asks for
+    auth or redirect following (or a client built with them) takes httpx's own path.
+    """
+
+    def __init__(self, *, transport: httpx.AsyncBaseTransport, **kwargs: object) -> None:
+        super().__init__(transport=transport, **kwargs)  # type: ignore[arg-type]
+        self._lean_transport = transport
+
+    async def send(self, request: httpx.Request, *, stream: bool = False,
+                   auth: object = httpx.USE_CLIENT_DEFAULT,
+                   follow_redirects: object = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
+        if (auth not in (httpx.USE_CLIENT_DEFAULT, None) or follow_redirects is True or self.auth is not None
+                or (follow_redirects is httpx.USE_CLIENT_DEFAULT and self.follow_redirects) or self.is_closed):
+            return await super().send(request, stream=stream, auth=auth,  # type: ignore[arg-type]
+                                      follow_redirects=follow_redirects)  # type: ignore[arg-type]
+        try:
+            response = await self._lean_transport.handle_async_request(request)
+        except httpx.RequestError as exc:
+            try:
+                exc.request  # noqa: B018 -- raises when the transport raised it without one
+            except RuntimeError:
+                exc.request = request
+            raise
+        response.request = request
+        if not stream:
+            try:
+                await response.aread()
+            except BaseException:
+                await response.aclose()
+                raise
+        return response

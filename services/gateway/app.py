@@ -21,7 +21,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.auth import INTERNAL_TOKEN_HEADER
-from services.common.transport import AiohttpTransport
+from services.common.transport import AiohttpTransport, LeanClient
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.cache import FeatureCache
 from services.gateway.encoder_client import EncoderClient, EncoderTransport, NativeEncoderTransport
@@ -91,10 +91,11 @@ def _client(transport: httpx.AsyncBaseTransport | None, settings: GatewaySetting
                           max_keepalive_connections=settings.max_concurrent_requests)
     # The internal token goes to our own services only, never to an image host.
     headers = {INTERNAL_TOKEN_HEADER: settings.internal_token} if internal and settings.internal_token else {}
-    if transport is None and internal:  # our own tiers: the cheaper per-call transport
-        transport = AiohttpTransport(max_connections=limits.max_connections)
-    return httpx.AsyncClient(transport=transport, limits=limits, trust_env=False, headers=headers,
-                             timeout=httpx.Timeout(settings.lm_timeout_s, connect=settings.connect_timeout_s))
+    timeout = httpx.Timeout(settings.lm_timeout_s, connect=settings.connect_timeout_s)
+    if internal:  # our own tiers: the cheaper per-call client and transport
+        return LeanClient(transport=transport or AiohttpTransport(max_connections=limits.max_connections),
+                          limits=limits, trust_env=False, headers=headers, timeout=timeout)
+    return httpx.AsyncClient(transport=transport, limits=limits, trust_env=False, headers=headers, timeout=timeout)
 
 
 def _encoder_transport(settings: GatewaySettings) -> EncoderTransport:

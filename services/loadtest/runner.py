@@ -30,7 +30,7 @@ from typing import Any
 import httpx
 from tqdm import tqdm
 
-from services.common.transport import AiohttpTransport
+from services.common.transport import AiohttpTransport, LeanClient
 from services.loadtest.client import RequestSender
 from services.loadtest.errors import RUN_DEADLINE, ConfigError
 from services.loadtest.feed import SpecFeed
@@ -160,8 +160,7 @@ class LoadTester:
         if settings.requests is None:
             await feed.allow(None)  # duration mode: how many is not known in advance
         try:
-            async with httpx.AsyncClient(transport=transport, headers=headers,
-                                         timeout=None) as client:
+            async with LeanClient(transport=transport, headers=headers, timeout=None) as client:
                 for index, point in enumerate(points):
                     result = PointResult(point, time.time())
                     self.results.append(result)

@@ -2,7 +2,8 @@
 against real sockets: bodies and headers both ways, keep-alive, and every failure
 arriving as the httpx exception the gateway's error mapping expects (refused, stalled,
 dropped mid-body), and an abandoned stream closing its connection so the server sees
-the client leave."""
+the client leave. The client is :class:`LeanClient`, as in the gateway and the load
+tester; its own differences from ``httpx.AsyncClient`` are checked at the end."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from fastapi.responses import Response, StreamingResponse
 from threaded_server import serve_in_thread
 
 from services.common.server import find_free_port
-from services.common.transport import AiohttpTransport
+from services.common.transport import AiohttpTransport, LeanClient
 
 
 class Seen:
@@ -35,9 +36,18 @@ def make_app(seen: Seen) -> FastAPI:
     async def echo(request: Request) -> Response:
         body = await request.body()
         facts = {"length": len(body), "first": body[:4].decode("latin-1"), "x_test": request.headers.get("x-test"),
-                 "content_length": request.headers.get("content-length"),
+                 "content_length": request.headers.get("content-length"), "cookie": request.headers.get("cookie"),
+                 "authorization": request.headers.get("authorization"),
                  "client_port": request.client.port if request.client else None}
         return Response(json.dumps(facts), media_type="application/json", headers={"x-answer": "yes"})
+
+    @app.get("/cookie")
+    async def cookie() -> Response:
+        return Response("set", headers={"set-cookie": "session=abc; Path=/"})
+
+    @app.get("/moved")
+    async def moved() -> Response:
+        return Response(status_code=307, headers={"location": "/echo"})
 
     @app.get("/gzip")
     async def gzipped() -> Response:
@@ -72,7 +82,7 @@ def server() -> Iterator[tuple[str, Seen]]:
 
 
 def client(**timeouts: float) -> httpx.AsyncClient:
-    return httpx.AsyncClient(transport=AiohttpTransport(max_connections=4),
+    return LeanClient(transport=AiohttpTransport(max_connections=4),
                              timeout=httpx.Timeout(timeouts.get("read", 10.0), connect=timeouts.get("connect", 5.0)),
                              headers={"x-test": "default"})
 
@@ -158,3 +168,35 @@ async def test_the_environment_proxy_is_used_and_no_proxy_respected(server: tupl
     async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=4), timeout=10.0) as plain:
         with pytest.raises(httpx.ConnectError):
             await plain.post("http://unresolvable.invalid/echo", content=b"direct")
+
+
+async def test_the_lean_client_keeps_no_cookies_and_follows_no_redirects(server: tuple[str, Seen]) -> None:
+    url, _ = server
+    async with client() as http:
+        assert (await http.get(f"{url}/cookie")).headers["set-cookie"].startswith("session=abc")
+        assert (await http.post(f"{url}/echo", content=b"x")).json()["cookie"] is None
+        moved = await http.get(f"{url}/moved")
+        assert moved.status_code == 307 and moved.headers["location"] == "/echo"
+        assert moved.request.url == f"{url}/moved"
+    async with httpx.AsyncClient(transport=AiohttpTransport(max_connections=4)) as plain:  # what it skips
+        await plain.get(f"{url}/cookie")
+        assert (await plain.post(f"{url}/echo", content=b"x")).json()["cookie"] == "session=abc"
+
+
+async def test_the_lean_client_takes_httpx_path_for_auth_and_redirects(server: tuple[str, Seen]) -> None:
+    url, _ = server
+    async with client() as http:
+        answer = await http.post(f"{url}/echo", content=b"x", auth=("user", "secret"))
+        assert answer.json()["authorization"].startswith("Basic ")
+        followed = await http.get(f"{url}/moved", follow_redirects=True)
+        assert followed.status_code == 405 and followed.url == f"{url}/echo"  # GET on a POST route: it got there
+
+
+async def test_the_lean_client_attaches_the_request_to_transport_errors() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("refused")  # raised without a request, as a fake may
+
+    async with LeanClient(transport=httpx.MockTransport(refuse)) as http:
+        with pytest.raises(httpx.ConnectError) as caught:
+            await http.get("http://tier.test/ready")
+    assert caught.value.request.url == "http://tier.test/ready"

@@ -6,12 +6,14 @@ import gzip
 
 import httpx
 import pytest
+import torch
 from fastapi import FastAPI, Request
 
 import proto
+from proto import EncodeResponse, ImageForInsert
 from proto.errors import DescribedError
 from services.common.errors import install_error_handlers
-from services.common.http import read_body
+from services.common.http import STREAM_ABOVE_BYTES, msgpack_response, read_body
 
 
 class Busy(DescribedError):
@@ -83,3 +85,21 @@ def test_servers_keep_idle_connections_longer_than_our_clients(monkeypatch):
     serve(FastAPI(), host="127.0.0.1", port=0)
     assert seen and seen[0].timeout_keep_alive == KEEP_ALIVE_S
     assert AiohttpTransport(max_connections=1).keepalive_s < KEEP_ALIVE_S
+
+
+@pytest.mark.parametrize("rows", [4, 2 * STREAM_ABOVE_BYTES // (2 * 64)])  # one body; streamed in chunks
+async def test_wire_messages_arrive_whole_sent_at_once_or_streamed(rows):
+    features = torch.randn(rows, 64).bfloat16()
+    app = FastAPI()
+
+    @app.get("/message")
+    async def message():
+        return msgpack_response(EncodeResponse(image=ImageForInsert(3, image_features=features[None]),
+                                               request_id="r1"))
+
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app), base_url="http://test") as client:
+        response = await client.get("/message")
+    assert response.headers["content-type"] == proto.CONTENT_TYPE
+    assert int(response.headers["content-length"]) == len(response.content)
+    back = proto.decode(response.content, expect=EncodeResponse)
+    assert back.request_id == "r1" and torch.equal(back.image.image_features[0], features)
