@@ -5,8 +5,9 @@ count times the per-call cost (Python, dispatcher, kernel launch), not arithmeti
 This times ``LocalDecoderBackend.decode`` on the bundled model at several batch sizes
 (every row a running sequence with a 40-position prompt) and counts the aten operators
 one step calls (``torch.profiler``: a figure that does not move with machine noise).
-On a GPU it runs twice in the same process: eager steps, and steps replayed from CUDA
-graphs (the LM worker's default there).
+It runs twice in the same process: eager steps, and on a GPU steps replayed from CUDA
+graphs (the LM worker's default there), on the CPU steps compiled by Inductor (the LM
+worker's ``--compile-steps on``; the compile itself is timed too).
 
     python bench/decode_step.py [--batch-sizes 1,4,16,64 --steps 50 --device cpu]
 """
@@ -72,20 +73,28 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(size) for size in args.batch_sizes.split(",")]
     decoder = InProcessCaptioner.from_pretrained(args.model, device=args.device).decoder
-    variants = {"eager": False, **({"cuda_graphs": True} if decoder.embed_tokens.weight.is_cuda else {})}
+    fast = ("cuda_graphs", {"cuda_graphs": True}) if decoder.embed_tokens.weight.is_cuda else \
+        ("compiled", {"compile_steps": True})
+    variants = {"eager": {"cuda_graphs": False}, fast[0]: fast[1]}
     results: dict[str, dict[str, dict[str, float]]] = {}
-    for variant, graphs in variants.items():
+    build_s = {}
+    for variant, options in variants.items():
+        started = time.perf_counter()
         backend = LocalDecoderBackend(decoder, max_batch_size=max(sizes), max_seq_len=PROMPT + 4 + args.steps,
-                                      cuda_graphs=graphs)
+                                      **options)
+        build_s[variant] = time.perf_counter() - started
+        if variant == "compiled" and backend.compiled is None:
+            raise RuntimeError("compiling the decode step failed (see the log above)")
         results[variant] = {}
         for batch in sizes:
             results[variant][str(batch)] = row = measure(backend, batch, args.steps, args.rounds)
             print(f"{variant:<11} batch {batch:>3}: {row['ms_per_step']:.3f} ms per step, "
                   f"{row['aten_calls_per_step']} aten calls")
-    speedup = ({str(batch): results["eager"][str(batch)]["ms_per_step"] / results["cuda_graphs"][str(batch)]["ms_per_step"]
-                for batch in sizes} if "cuda_graphs" in results else None)
+    speedup = {str(batch): results["eager"][str(batch)]["ms_per_step"] / results[fast[0]][str(batch)]["ms_per_step"]
+               for batch in sizes}
     path = write_result("decode_step", {"config": vars(args), "device": str(decoder.embed_tokens.weight.device),
-                                        "variants": results, "cuda_graphs_speedup": speedup}, device=args.device)
+                                        "variants": results, f"{fast[0]}_speedup": speedup,
+                                        "backend_build_s": build_s}, device=args.device)
     print(f"wrote {path}")
 
 

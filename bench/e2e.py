@@ -15,7 +15,7 @@ Besides latency and throughput, each point records the CPU time per request: of 
 service process (Linux ``/proc``) for the decoupled variants, of this process for the
 monolithic one, where a machine's cores are what the two layouts share out.
 
-    python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2 --device auto]
+    python bench/e2e.py [--concurrency 1,4,16 --requests 32 --rounds 2 --device auto --compile-steps off]
 """
 
 from __future__ import annotations
@@ -106,15 +106,20 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto, for the services and the pipeline")
+    parser.add_argument("--compile-steps", default="off", choices=["on", "off"],
+                        help="decode steps compiled by Inductor, in the LM worker and the pipeline alike")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 
     torch.set_num_threads(os.cpu_count() or 1)
     device = resolve_device(None if args.device == "auto" else args.device)
-    captioner = InProcessCaptioner.from_pretrained(args.model, device=str(device))
+    compile_steps = args.compile_steps == "on"
+    captioner = InProcessCaptioner.from_pretrained(args.model, device=str(device), compile_steps=compile_steps)
+    captioner.decode_backend()  # built (and compiled) before any point is timed, as the worker's at start-up
     samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
                                                  for v in ("decoupled", "monolithic", "decoupled_reuse50")}
-    with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(LOG_DIR))) as stack:
+    with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(LOG_DIR),
+                           lm_args=["--compile-steps", args.compile_steps])) as stack:
         for round_index in range(args.rounds):
             for concurrency in levels:
                 seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points

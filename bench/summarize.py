@@ -105,6 +105,11 @@ def decode_step(result: dict) -> list[str]:
         lines += [f"Steps replayed from CUDA graphs against eager steps, same process: {speedups}. A step's "
                   "operators run as one graph launch (the aten calls left copy the inputs in and the logits out, "
                   "and take the benchmark's argmax).", ""]
+    if result.get("compiled_speedup"):
+        speedups = ", ".join(f"{value:.1f}× at batch {batch}" for batch, value in result["compiled_speedup"].items())
+        lines += [f"Steps compiled by Inductor (`--compile-steps on`) against eager steps, same process: {speedups}; "
+                  f"compiling took {result['backend_build_s']['compiled']:.0f} s when the backend was built. The aten "
+                  "calls left are the generated code's buffer allocations, views and library calls.", ""]
     return lines
 
 

@@ -42,7 +42,8 @@ class LMWorkerService:
                           config.max_position_embeddings)
         backend = LocalDecoderBackend(model.decoder, max_batch_size=settings.max_batch_size,
                                       max_seq_len=max_seq_len,
-                                      cuda_graphs=None if settings.cuda_graphs == "auto" else False)
+                                      cuda_graphs=None if settings.cuda_graphs == "auto" else False,
+                                      compile_steps=settings.compile_steps == "on")
         self.scheduler = Scheduler(
             ModelRunner(backend, model.fusion),
             eos_token_id=model.tokenizer.eos_token_id,

@@ -41,6 +41,7 @@ class LMWorkerSettings:
     max_prefill_tokens: int = 4096
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
     cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on a GPU; off: eager
+    compile_steps: str = "off"  # on: decode steps compiled by Inductor at start-up (where no CUDA graphs run)
     max_body_bytes: int = 64 * 1024 * 1024
     ready_timeout_s: float = 10.0
     internal_token: str | None = None  # required in x-internal-token on /v1/* when set
@@ -59,6 +60,8 @@ class LMWorkerSettings:
             raise ValueError("max_waiting and max_seq_len must be >= 0")
         if self.cuda_graphs not in ("auto", "off"):
             raise ValueError(f"cuda_graphs must be auto or off, got {self.cuda_graphs!r}")
+        if self.compile_steps not in ("on", "off"):
+            raise ValueError(f"compile_steps must be on or off, got {self.compile_steps!r}")
         if self.internal_token == "":
             raise ValueError("internal_token must not be empty (leave it unset to disable)")
 

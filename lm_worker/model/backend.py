@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
+from lm_worker.model.compiled import CompiledDecode
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.graphs import DecodeGraphs, PrefillGraphs
 from lm_worker.model.kv_cache import KVCache
@@ -75,20 +76,33 @@ class LocalDecoderBackend:
     (:mod:`lm_worker.model.graphs`), captured here, once; if capturing fails, they stay
     eager and it says why. On the CPU, ``True`` runs the same fixed-shape steps without
     graphs (for tests).
+
+    ``compile_steps``, the CPU's counterpart (off by default: it costs about half a
+    minute of compiling on two cores when the backend is built), runs decode steps
+    compiled by Inductor (:mod:`lm_worker.model.compiled`); if compiling fails, they stay
+    eager and it says why. Where CUDA graphs run, they are used instead.
     """
 
     def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int,
-                 cuda_graphs: bool | None = None) -> None:
+                 cuda_graphs: bool | None = None, compile_steps: bool = False) -> None:
         self.decoder = decoder.train(False)
         weight = decoder.embed_tokens.weight
         self._device, self._dtype = weight.device, weight.dtype
         on_gpu = self._device.type == "cuda"
         fixed_shapes = on_gpu if cuda_graphs is None else cuda_graphs
+        compile_steps = compile_steps and not fixed_shapes
         self.cache: KVCache = decoder.new_kv_cache(
-            max_batch_size=max_batch_size, max_seq_len=max_seq_len, scratch_slot=fixed_shapes
+            max_batch_size=max_batch_size, max_seq_len=max_seq_len, scratch_slot=fixed_shapes or compile_steps
         )
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
+        self.compiled: CompiledDecode | None = None
+        if compile_steps:
+            try:
+                self.compiled = CompiledDecode(decoder, self.cache)
+            except Exception as exc:  # noqa: BLE001 -- a compiler error of any kind: serve eagerly
+                logger.warning("compiling the decode step failed (%s: %s); decode stays eager",
+                               type(exc).__name__, exc)
         if fixed_shapes:
             try:
                 self.graphs = DecodeGraphs(decoder, self.cache, padded_batch_sizes(max_batch_size), capture=on_gpu)
@@ -158,10 +172,11 @@ class LocalDecoderBackend:
             raise ValueError(
                 f"token_ids must be [{len(slots)}] (one per slot), got {list(token_ids.shape)}"
             )
-        if self.graphs is not None:
+        steps = self.graphs if self.graphs is not None else self.compiled
+        if steps is not None:
             counts = [1] * len(slots)
             starts = self.cache.check_append(slots, counts, 1)
-            logits = self.graphs.decode(slots, starts, token_ids.to(dtype=torch.long))  # [n, V]
+            logits = steps.decode(slots, starts, token_ids.to(dtype=torch.long))  # [n, V]
             self.cache.advance(slots, counts)
             return logits
         token_ids = token_ids.to(device=self._device, dtype=torch.long)

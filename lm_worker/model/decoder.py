@@ -48,8 +48,17 @@ class JoinedWeight:
         self._key: tuple[tuple[int, int], ...] = ()
         self._value: torch.Tensor | None = None
 
+    def holds(self, *parts: torch.Tensor) -> bool:
+        """Whether ``parts`` are, in order, the rows of the packed tensor now."""
+        return self._packed is not None and _consecutive_rows_of(self._packed, parts)
+
     def get(self, *parts: torch.Tensor) -> torch.Tensor:
-        if self._packed is not None and _consecutive_rows_of(self._packed, parts):
+        if torch.compiler.is_compiling():
+            # A compiled step reads the packed tensor (its compiler packs the weights first;
+            # memory addresses and version counters are not traceable).
+            assert self._packed is not None, "pack the weights before compiling"
+            return self._packed
+        if self.holds(*parts):
             return self._packed  # the parts are its rows: always current, never copied
         key = tuple((part.data_ptr(), part._version) for part in parts)
         if key != self._key or self._value is None:
@@ -351,6 +360,16 @@ class Step37Decoder(nn.Module):
             attention, mlp = layer.self_attn, layer.mlp
             attention._qkv.pack(attention.q_proj, attention.k_proj, attention.v_proj)
             mlp._gate_up.pack(mlp.gate_proj, mlp.up_proj)
+
+    @property
+    def joined_weights_packed(self) -> bool:
+        """Whether :meth:`pack_joined_weights` holds for the current weights."""
+        return all(
+            layer.self_attn._qkv.holds(layer.self_attn.q_proj.weight, layer.self_attn.k_proj.weight,
+                                       layer.self_attn.v_proj.weight)
+            and layer.mlp._gate_up.holds(layer.mlp.gate_proj.weight, layer.mlp.up_proj.weight)
+            for layer in self.layers
+        )
 
     def new_kv_cache(self, *, max_batch_size: int, max_seq_len: int, scratch_slot: bool = False) -> KVCache:
         """A cache sized for this decoder, on its device and in its dtype."""

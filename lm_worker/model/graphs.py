@@ -28,7 +28,23 @@ from lm_worker.model.kv_cache import CacheStep, KVCache
 from services.common.graphs import capture as capture_graph
 from services.common.graphs import padded_batch_sizes
 
-__all__ = ["DecodeGraphs", "PrefillGraphs"]
+__all__ = ["DecodeGraphs", "PrefillGraphs", "one_token_step"]
+
+
+def one_token_step(decoder: Step37Decoder, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor,
+                   positions: torch.Tensor, key_positions: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, V]`` (float32) of ``tokens [n]`` written at ``positions [n]`` of ``slots [n]``,
+    each row attending over ``key_positions [T]`` of its slot up to its own position;
+    ``rows`` is ``arange(n)``. The decode step of the graphed and the compiled paths."""
+    mask = key_positions[None, :] <= positions[:, None]  # [n, T]
+    step = CacheStep(
+        slots=slots, positions=positions[:, None], write_rows=rows, write_cols=torch.zeros_like(rows),
+        write_slots=slots, write_positions=positions, attention_mask=mask[:, None, None], slot_ids=(),
+        input_lengths=(), total_length=key_positions.shape[0], slot_span=None, dense=True,
+    )  # fmt: skip
+    x = decoder.embed_tokens(tokens)[:, None]  # [n, 1, H]
+    hidden = decoder.run_layers(x, positions[:, None], cache, step)  # [n, 1, H]
+    return decoder.compute_logits(hidden[:, 0]).float()  # [n, V]
 
 
 class DecodeGraphs:
@@ -75,16 +91,8 @@ class DecodeGraphs:
     def _step(self, size: int) -> torch.Tensor:
         """The fixed-shape step over ``self._inputs[size]``: logits ``[size, V]`` (float32)."""
         tokens, slots, positions = self._inputs[size].unbind(0)  # each [size]
-        mask = self._key_positions[None, :] <= positions[:, None]  # [size, T]
-        step = CacheStep(
-            slots=slots, positions=positions[:, None], write_rows=self._rows[size],
-            write_cols=torch.zeros_like(self._rows[size]), write_slots=slots, write_positions=positions,
-            attention_mask=mask[:, None, None], slot_ids=(), input_lengths=(),
-            total_length=self.cache.max_seq_len, slot_span=None, dense=True,
-        )  # fmt: skip
-        x = self.decoder.embed_tokens(tokens)[:, None]  # [size, 1, H]
-        hidden = self.decoder.run_layers(x, positions[:, None], self.cache, step)  # [size, 1, H]
-        return self.decoder.compute_logits(hidden[:, 0]).float()  # [size, V]
+        return one_token_step(self.decoder, self.cache, tokens, slots, positions, self._key_positions,
+                              self._rows[size])
 
     def decode(self, slots: Sequence[int], starts: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, V]`` for one token per slot, ``token_ids [n]`` written at ``starts``.

@@ -39,7 +39,8 @@ class InProcessCaptioner:
 
     def __init__(self, vision: Step37VisionModel, decoder: Step37Decoder, fusion: ImageInsertEmbedding,
                  tokenizer: Step37Tokenizer, *, max_batch_size: int = 64,
-                 wire_dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool | None = None) -> None:
+                 wire_dtype: torch.dtype | None = torch.bfloat16, cuda_graphs: bool | None = None,
+                 compile_steps: bool = False) -> None:
         self.vision = vision
         # The services ship features as bf16 by default; rounding to the same dtype at the
         # same point makes this the exact reference for the decoupled path (None: skip).
@@ -49,6 +50,9 @@ class InProcessCaptioner:
         self.tokenizer = tokenizer
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs  # None: on a GPU, as the LM worker
+        self.compile_steps = compile_steps  # as the LM worker's --compile-steps on
+        if compile_steps:
+            decoder.pack_joined_weights()  # what the compiled step reads, as the LM worker loads it
         self._backend: LocalDecoderBackend | None = None
         self._backend_weights: tuple[tuple[int, int], ...] = ()
         self._tower: TowerGraphs | None = None
@@ -58,7 +62,7 @@ class InProcessCaptioner:
     @classmethod
     def from_pretrained(cls, directory: str | Path, *, device: str | None = None, max_batch_size: int = 64,
                         wire_dtype: torch.dtype | None = torch.bfloat16,
-                        cuda_graphs: bool | None = None) -> InProcessCaptioner:
+                        cuda_graphs: bool | None = None, compile_steps: bool = False) -> InProcessCaptioner:
         vision = load_vision_model(directory, device=device)
         decoder, projector_state, config = load_lm(directory, device=device)
         tokenizer = Step37Tokenizer.from_file(Path(directory) / "tokenizer.json")
@@ -67,7 +71,7 @@ class InProcessCaptioner:
         fusion.align_projector.load_state_dict(projector_state)
         fusion.to(device=decoder.embed_tokens.weight.device, dtype=decoder.embed_tokens.weight.dtype)
         return cls(vision, decoder, fusion, tokenizer, max_batch_size=max_batch_size, wire_dtype=wire_dtype,
-                   cuda_graphs=cuda_graphs)
+                   cuda_graphs=cuda_graphs, compile_steps=compile_steps)
 
     @property
     def image_size(self) -> int:
@@ -124,7 +128,7 @@ class InProcessCaptioner:
             with torch.inference_mode(False):  # its cache outlives this call's inference mode
                 self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
                                                 max_seq_len=self.decoder.config.max_position_embeddings,
-                                                cuda_graphs=self.cuda_graphs)
+                                                cuda_graphs=self.cuda_graphs, compile_steps=self.compile_steps)
             self._backend_weights = weights
         return self._backend
 

@@ -217,9 +217,30 @@ def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> 
         "c": [40, 41, 42, 43, 44, 45, 46, 47],
         "d": [5, 15, 25, 35, 45, 6, 16, 26],
     }
-    expected = {name: full_logits(decoder, toks) for name, toks in sequences.items()}
     backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16, cuda_graphs=fixed_shapes)
     assert (backend.graphs is not None) == fixed_shapes
+    join_and_leave(decoder, backend, sequences)
+
+
+def test_compiled_decode_steps_keep_batch_invariance_without_recompiling() -> None:
+    """The Inductor-compiled decode step (the CPU's ``--compile-steps``) under the same
+    joining and leaving: compiled once when built, for every batch size and length."""
+    decoder = make_decoder(seed=3)
+    backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16, compile_steps=True)
+    assert backend.compiled is not None and backend.graphs is None and backend.cache.scratch_slot == 3
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        join_and_leave(decoder, backend, {
+            "a": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+            "b": [20, 21, 22, 23, 24, 25, 26, 27, 28],
+            "c": [40, 41, 42, 43, 44, 45, 46, 47],
+            "d": [5, 15, 25, 35, 45, 6, 16, 26],
+        })
+
+
+def join_and_leave(decoder: Step37Decoder, backend: LocalDecoderBackend, sequences: dict[str, list[int]]) -> None:
+    """Sequences join, decode in changing company and order, and leave (a freed slot is
+    reused); every logit is checked against the sequence's own full forward."""
+    expected = {name: full_logits(decoder, toks) for name, toks in sequences.items()}
     slot, fed = {}, {}
 
     def check(name: str, logits: torch.Tensor) -> None:
