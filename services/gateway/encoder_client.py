@@ -102,15 +102,23 @@ class EncoderClient:
         self.on_error = on_error
 
     async def encode(self, images: Sequence[bytes], *, request_id: str) -> EncodeResult:
+        """Features for ``images``; a retryable failure is tried again on another endpoint,
+        or, after a lost connection with no other endpoint left, on the same one (a new
+        connection: a server may close a kept-alive one just as it is reused)."""
         tried: list[Endpoint] = []
         last_error: GatewayError | None = None
         for attempt in range(1, self.attempts + 1):
             try:
                 endpoint = self.pool.acquire(exclude=tried)
             except ServiceUnavailable:
-                if last_error is not None:
+                if last_error is None:
+                    raise
+                if not last_error.connection_lost:
                     raise last_error from None  # every endpoint was tried: report the real failure
-                raise
+                try:
+                    endpoint = self.pool.acquire(exclude=tried[:-1])
+                except ServiceUnavailable:
+                    raise last_error from None
             tried.append(endpoint)
             try:
                 result = await self._attempt(endpoint, images, request_id)
@@ -122,8 +130,7 @@ class EncoderClient:
                 if not exc.retryable or attempt == self.attempts:
                     raise
                 last_error = exc
-                logger.warning("encode %s on %s failed (%s); trying another endpoint", request_id,
-                               endpoint.url, exc.message)
+                logger.warning("encode %s on %s failed (%s); trying again", request_id, endpoint.url, exc.message)
                 continue
             finally:
                 self.pool.release(endpoint)

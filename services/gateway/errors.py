@@ -78,7 +78,7 @@ class GatewayError(Exception):
     code = "internal_error"
 
     def __init__(self, message: str, *, param: str | None = None, value: Any = None,
-                 retryable: bool = False, endpoint_fault: bool = False,
+                 retryable: bool = False, endpoint_fault: bool = False, connection_lost: bool = False,
                  headers: dict[str, str] | None = None, upstream_field: str | None = None) -> None:
         super().__init__(message)
         self.message = message
@@ -87,6 +87,9 @@ class GatewayError(Exception):
         self.upstream_field = upstream_field
         self.retryable = retryable
         self.endpoint_fault = endpoint_fault
+        # The connection died under the call (closed by the server as it was reused, or
+        # the server went away): a fresh connection to the same endpoint may well work.
+        self.connection_lost = connection_lost
         self.headers = headers or {}
 
     def to_dict(self) -> dict[str, Any]:

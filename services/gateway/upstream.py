@@ -106,5 +106,5 @@ def error_from_exception(service: str, exc: httpx.HTTPError, *, idempotent: bool
         # The connection died mid-request (a replica was killed): safe to resend only
         # if the call is idempotent.
         return UpstreamError(f"the connection to the {service} was lost ({name})", retryable=idempotent,
-                             endpoint_fault=True)
+                             endpoint_fault=True, connection_lost=True)
     return UpstreamError(f"calling the {service} failed ({name}: {exc})")

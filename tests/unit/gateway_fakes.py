@@ -71,6 +71,7 @@ class FakeEncoder:
     dtype: torch.dtype = torch.bfloat16
     model: str = "step37-tiny"
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
+    once: dict[str, Behaviour] = field(default_factory=dict)  # for the endpoint's next call only
     ready: dict[str, bool] = field(default_factory=dict)
     delay_s: float = 0.0
     calls: list[tuple[str, int]] = field(default_factory=list)  # (endpoint, images)
@@ -87,9 +88,10 @@ class FakeEncoder:
         if self.behaviours.get(host) == "hang":
             self.calls.append((host, 0))
             await asyncio.sleep(3600)
-        if self.behaviours.get(host) is not None:
+        behaviour = self.once.pop(host, None) or self.behaviours.get(host)
+        if behaviour is not None:
             self.calls.append((host, 0))
-            return _behave(self.behaviours[host], request)
+            return _behave(behaviour, request)
         message = proto.decode(request.content, expect=proto.EncodeRequest)
         self.calls.append((host, len(message.images)))
         if self.delay_s:

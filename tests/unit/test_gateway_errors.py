@@ -55,6 +55,28 @@ def test_encoder_5xx_is_retried_on_the_other_endpoint():
     run(scenario())
 
 
+def test_a_lost_connection_to_the_only_encoder_is_retried_on_a_new_one():
+    """A server may close a kept-alive connection just as it is reused; with no other
+    endpoint the encode goes again to the same one. Other failures are not repeated there."""
+    async def scenario():
+        for failure in (httpx.RemoteProtocolError, httpx.WriteError, httpx.ReadError):
+            encoder = FakeEncoder(once={"http://encoder-a": failure})
+            h = harness(encoder, encoder_urls=["http://encoder-a"])
+            response = await post_chat(h, chat_body(png()))
+            assert response.status_code == 200, (failure, response.text)
+            assert [host for host, _ in encoder.calls] == ["http://encoder-a", "http://encoder-a"], failure
+        encoder = FakeEncoder(once={"http://encoder-a": 503})
+        h = harness(encoder, encoder_urls=["http://encoder-a"])
+        assert_openai_error(await post_chat(h, chat_body(png())), 503, "service_unavailable")
+        assert len(encoder.calls) == 1
+        encoder = FakeEncoder(behaviours={"http://encoder-a": httpx.RemoteProtocolError})
+        h = harness(encoder, encoder_urls=["http://encoder-a"])
+        error = assert_openai_error(await post_chat(h, chat_body(png())), 502, "upstream_error")
+        assert "connection to the encoder was lost" in error["message"] and len(encoder.calls) == 2
+
+    run(scenario())
+
+
 def test_encoder_failure_on_every_endpoint_is_a_5xx():
     async def scenario():
         down = {"http://encoder-a": httpx.ConnectError, "http://encoder-b": httpx.ConnectError}
