@@ -189,7 +189,7 @@ def main() -> None:
         "targets": {"wire_overhead_fraction_at_c1": "<= 0.05", "throughput_ratio_at_c16": ">= 0.9",
                     "reuse50_mean_latency_cut": ">= 0.30"},
     }
-    path = write_result("e2e", payload, device)
+    path = write_result("e2e-compiled" if compile_steps else "e2e", payload, device)
     write_plot(table, path.with_suffix(".png"))
     print(f"\n{'c':>3} {'variant':<18} {'req/s':>7} {'p50 ms':>8} {'p99 ms':>8}")
     for c, row in table.items():

@@ -142,10 +142,12 @@ def e2e(result: dict) -> list[str]:
                       f"{100 * row['reuse50_mean_latency_cut']:.0f} % |")
     stages = ", ".join(f"{k} {v:.1f}" for k, v in result["stage_means_ms_at_lowest_concurrency"].items()
                        if "." not in k)
-    return ["## End to end: decoupled versus monolithic (bundled model, /v1/captions)", "",
+    compiled = result["config"].get("compile_steps") == "on"
+    return [f"## End to end: decoupled versus monolithic (bundled model, /v1/captions"
+            f"{', compiled decode steps' if compiled else ''})", "",
             f"`python bench/e2e.py --concurrency {result['config']['concurrency']} --requests "
             f"{result['config']['requests']} --rounds {result['config']['rounds']}"
-            f" --device {result['config'].get('device', 'cpu')}` — "
+            f" --device {result['config'].get('device', 'cpu')}{' --compile-steps on' if compiled else ''}` — "
             + provenance(result),
             "", *rows, "", *ratios, "",
             f"Gateway stages at the lowest concurrency (mean ms): {stages}. Wire + serialisation "
@@ -153,7 +155,8 @@ def e2e(result: dict) -> list[str]:
             f"{100 * result['wire_overhead_fraction_at_lowest_concurrency']:.1f} % of request latency.",
             "", *e2e_cpu_time(result),
             *(e2e_on_gpu(result) if _on_gpu(result) else e2e_targets(result)),
-            "", f"![throughput and p99 versus concurrency](bench/results/e2e-{'cuda' if _on_gpu(result) else 'cpu'}.png)",
+            "", f"![throughput and p99 versus concurrency](bench/results/e2e{'-compiled' if compiled else ''}-"
+                f"{'cuda' if _on_gpu(result) else 'cpu'}.png)",
             ""]
 
 
@@ -370,7 +373,8 @@ def main() -> None:
              "machine is a shared, noisy 2-core CPU without a GPU, so comparisons are ratios measured in one run "
              "(variants interleaved, medians); absolute times are only indicative there.", ""]
     for name, render in (("codec-cpu", codec), ("insert-cpu", insert), ("encoder-cpu", encoder),
-                         ("decode_step-cpu", decode_step), ("lm_worker-cpu", lm_worker), ("e2e-cpu", e2e), ("soak-cpu", soak)):
+                         ("decode_step-cpu", decode_step), ("lm_worker-cpu", lm_worker), ("e2e-cpu", e2e), ("e2e-compiled-cpu", e2e),
+                         ("soak-cpu", soak)):
         result = load(name)
         if result is not None:
             lines += render(result)
