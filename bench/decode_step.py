@@ -7,7 +7,8 @@ This times ``LocalDecoderBackend.decode`` on the bundled model at several batch 
 one step calls (``torch.profiler``: a figure that does not move with machine noise).
 It runs twice in the same process: eager steps, and on a GPU steps replayed from CUDA
 graphs (the LM worker's default there), on the CPU steps compiled by Inductor (the LM
-worker's ``--compile-steps on``; the compile itself is timed too).
+worker's ``--compile-steps on``; the compile itself is timed too). Each batch's prefill
+(one call, ``batch`` prompts of 40 positions) is timed as well.
 
     python bench/decode_step.py [--batch-sizes 1,4,16,64 --steps 50 --device cpu]
 """
@@ -36,11 +37,15 @@ def measure(backend: LocalDecoderBackend, batch: int, steps: int, rounds: int) -
     hidden = backend.embed_tokens.weight.shape[1]
     device = backend.embed_tokens.weight.device
     generator = torch.Generator().manual_seed(batch)
-    times = []
+    times, prefill_times = [], []
     for _ in range(rounds):
         slots = [backend.allocate() for _ in range(batch)]
-        backend.prefill(slots, [0.1 * torch.randn(PROMPT, hidden, generator=generator).to(device)
-                                for _ in slots])
+        prompts = [0.1 * torch.randn(PROMPT, hidden, generator=generator).to(device) for _ in slots]
+        sync()
+        start = time.perf_counter()
+        backend.prefill(slots, prompts)
+        sync()
+        prefill_times.append(time.perf_counter() - start)
         tokens = torch.randint(0, backend.embed_tokens.num_embeddings, (batch,), generator=generator)
         for _ in range(3):
             backend.decode(slots, tokens)
@@ -58,7 +63,8 @@ def measure(backend: LocalDecoderBackend, batch: int, steps: int, rounds: int) -
     operators = sum(event.count for event in prof.key_averages() if event.key.startswith("aten::"))
     for slot in slots:
         backend.free(slot)
-    return {"ms_per_step": 1e3 * statistics.median(times), "aten_calls_per_step": operators}
+    return {"ms_per_step": 1e3 * statistics.median(times), "aten_calls_per_step": operators,
+            "prefill_ms": 1e3 * statistics.median(prefill_times)}
 
 
 def main() -> None:
@@ -89,7 +95,8 @@ def main() -> None:
         for batch in sizes:
             results[variant][str(batch)] = row = measure(backend, batch, args.steps, args.rounds)
             print(f"{variant:<11} batch {batch:>3}: {row['ms_per_step']:.3f} ms per step, "
-                  f"{row['aten_calls_per_step']} aten calls")
+                  f"{row['aten_calls_per_step']} aten calls; prefill of {batch} x {PROMPT} positions "
+                  f"{row['prefill_ms']:.2f} ms")
     speedup = {str(batch): results["eager"][str(batch)]["ms_per_step"] / results[fast[0]][str(batch)]["ms_per_step"]
                for batch in sizes}
     path = write_result("decode_step", {"config": vars(args), "device": str(decoder.embed_tokens.weight.device),

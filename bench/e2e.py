@@ -107,7 +107,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto, for the services and the pipeline")
     parser.add_argument("--compile-steps", default="off", choices=["on", "off"],
-                        help="decode steps compiled by Inductor, in the LM worker and the pipeline alike")
+                        help="decode steps and prefills compiled by Inductor, in the LM worker and the pipeline alike")
     args = parser.parse_args()
     levels = [int(c) for c in args.concurrency.split(",")]
 

@@ -89,10 +89,14 @@ def lm_worker(result: dict) -> list[str]:
 def decode_step(result: dict) -> list[str]:
     variants = result["variants"]
     names = list(variants)
-    header = " | ".join(f"{name} ms | {name} aten calls" for name in names)
-    rows = [f"| batch | {header} |", "| ---: |" + " ---: | ---: |" * len(names)]
+    with_prefill = "prefill_ms" in variants[names[0]][next(iter(variants[names[0]]))]
+    header = " | ".join(f"{name} ms | {name} aten calls" + (f" | {name} prefill ms" if with_prefill else "")
+                        for name in names)
+    rows = [f"| batch | {header} |", "| ---: |" + (" ---: | ---: | ---: |" if with_prefill else " ---: | ---: |")
+            * len(names)]
     for batch in variants[names[0]]:
         cells = " | ".join(f"{variants[name][batch]['ms_per_step']:.2f} | {variants[name][batch]['aten_calls_per_step']}"
+                           + (f" | {variants[name][batch]['prefill_ms']:.2f}" if with_prefill else "")
                            for name in names)
         rows.append(f"| {batch} | {cells} |")
     config = result["config"]
@@ -108,8 +112,9 @@ def decode_step(result: dict) -> list[str]:
     if result.get("compiled_speedup"):
         speedups = ", ".join(f"{value:.1f}× at batch {batch}" for batch, value in result["compiled_speedup"].items())
         lines += [f"Steps compiled by Inductor (`--compile-steps on`) against eager steps, same process: {speedups}; "
-                  f"compiling took {result['backend_build_s']['compiled']:.0f} s when the backend was built. The aten "
-                  "calls left are the generated code's buffer allocations, views and library calls.", ""]
+                  f"compiling (decode step and prefill) took {result['backend_build_s']['compiled']:.0f} s when the "
+                  "backend was built. The aten calls left are the generated code's buffer allocations, views and "
+                  "library calls. Prefill: one call for `batch` prompts of 40 positions.", ""]
     return lines
 
 
@@ -144,7 +149,7 @@ def e2e(result: dict) -> list[str]:
                        if "." not in k)
     compiled = result["config"].get("compile_steps") == "on"
     return [f"## End to end: decoupled versus monolithic (bundled model, /v1/captions"
-            f"{', compiled decode steps' if compiled else ''})", "",
+            f"{', compiled steps' if compiled else ''})", "",
             f"`python bench/e2e.py --concurrency {result['config']['concurrency']} --requests "
             f"{result['config']['requests']} --rounds {result['config']['rounds']}"
             f" --device {result['config'].get('device', 'cpu')}{' --compile-steps on' if compiled else ''}` — "

@@ -41,7 +41,7 @@ class LMWorkerSettings:
     max_prefill_tokens: int = 4096
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
     cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on a GPU; off: eager
-    compile_steps: str = "off"  # on: decode steps compiled by Inductor at start-up (where no CUDA graphs run)
+    compile_steps: str = "off"  # on: decode steps and prefills compiled by Inductor at start-up (where no CUDA graphs run)
     max_body_bytes: int = 64 * 1024 * 1024
     ready_timeout_s: float = 10.0
     internal_token: str | None = None  # required in x-internal-token on /v1/* when set

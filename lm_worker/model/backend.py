@@ -16,7 +16,7 @@ from typing import Protocol, runtime_checkable
 import torch
 from torch import nn
 
-from lm_worker.model.compiled import CompiledDecode
+from lm_worker.model.compiled import CompiledSteps
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.graphs import DecodeGraphs, PrefillGraphs
 from lm_worker.model.kv_cache import KVCache
@@ -77,8 +77,8 @@ class LocalDecoderBackend:
     eager and it says why. On the CPU, ``True`` runs the same fixed-shape steps without
     graphs (for tests).
 
-    ``compile_steps``, the CPU's counterpart (off by default: it costs about half a
-    minute of compiling on two cores when the backend is built), runs decode steps
+    ``compile_steps``, the CPU's counterpart (off by default: it costs about a minute of
+    compiling on two cores when the backend is built), runs decode steps and prefills
     compiled by Inductor (:mod:`lm_worker.model.compiled`); if compiling fails, they stay
     eager and it says why. Where CUDA graphs run, they are used instead.
     """
@@ -96,12 +96,12 @@ class LocalDecoderBackend:
         )
         self.graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
-        self.compiled: CompiledDecode | None = None
+        self.compiled: CompiledSteps | None = None
         if compile_steps:
             try:
-                self.compiled = CompiledDecode(decoder, self.cache)
+                self.compiled = CompiledSteps(decoder, self.cache)
             except Exception as exc:  # noqa: BLE001 -- a compiler error of any kind: serve eagerly
-                logger.warning("compiling the decode step failed (%s: %s); decode stays eager",
+                logger.warning("compiling the decode step and prefill failed (%s: %s); they stay eager",
                                type(exc).__name__, exc)
         if fixed_shapes:
             try:
@@ -152,6 +152,11 @@ class LocalDecoderBackend:
         if self.prefill_graphs is not None and self.prefill_graphs.fits(len(slots), longest):
             starts = self.cache.check_append(slots, lengths, longest)
             logits = self.prefill_graphs.prefill(slots, starts, embeddings)  # [n, V]
+            self.cache.advance(slots, lengths)
+            return logits
+        if self.compiled is not None and self.compiled.fits_prefill(longest):
+            starts = self.cache.check_append(slots, lengths, longest)
+            logits = self.compiled.prefill(slots, starts, embeddings)  # [n, V]
             self.cache.advance(slots, lengths)
             return logits
         batch = torch.zeros(

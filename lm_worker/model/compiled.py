@@ -1,15 +1,19 @@
-"""Decode steps compiled by TorchInductor, for the CPU.
+"""Decode steps and prefills compiled by TorchInductor, for the CPU.
 
 On the CPU a decode step of a small decoder is hundreds of operator calls of a few
 microseconds of dispatch each, and those, not arithmetic, are the step (``python
-bench/decode_step.py`` counts them). CUDA graphs do not exist here; Inductor instead
-turns the step into a few generated C++ kernels behind a C++ wrapper.
+bench/decode_step.py`` counts them); a short prompt's prefill is the same. CUDA graphs
+do not exist here; Inductor instead turns each into a few generated C++ kernels behind
+a C++ wrapper.
 
-The compiled step is one function for every batch size and sequence length: both are
-symbolic, so it compiles twice when the backend is built (a batch of one, which
-Inductor specialises, and any larger batch) and not again while serving. It attends
-over the positions up to the longest sequence of the step, masked per row, and writes
-each token's K/V into its slot in place, as the eager step does.
+Each compiled function serves every batch size and length: those are symbolic, so the
+functions compile when the backend is built and not again while serving. The decode
+step compiles twice (a batch of one, which Inductor specialises, and any larger batch);
+the prefill once, a single newcomer being padded with a one-token row in the cache's
+scratch slot, and a one-token prompt (another specialisation) prefilling eagerly. Both
+attend up to the longest sequence of the step, masked per row, and write K/V into the
+slots in place, as the eager path does; they are the graphed path's step functions
+(:mod:`lm_worker.model.graphs`) on symbolic shapes.
 """
 
 from __future__ import annotations
@@ -21,49 +25,64 @@ from collections.abc import Sequence
 import torch
 
 from lm_worker.model.decoder import Step37Decoder
-from lm_worker.model.graphs import one_token_step
+from lm_worker.model.graphs import one_token_step, prompt_step
 from lm_worker.model.kv_cache import KVCache
 
-__all__ = ["CompiledDecode"]
+__all__ = ["CompiledSteps"]
 
 logger = logging.getLogger(__name__)
 
+_OPTIONS = {"cpp_wrapper": True}
 
-class CompiledDecode:
-    """Decode steps through ``torch.compile`` (Inductor, C++ wrapper), compiled here, once.
 
-    The cache must have a scratch slot: compiling runs the step on it, so the warm-up
+class CompiledSteps:
+    """Decode steps and prefills through ``torch.compile`` (Inductor, C++ wrapper), compiled here, once.
+
+    The cache must have a scratch slot: compiling runs the steps on it, so the warm-up
     writes nowhere a sequence owns. The decoder's joined weights are packed first (the
-    step reads them in place); replacing a weight afterwards needs a new instance. Raises what compiling raised (no C++ compiler, an
-    unsupported operator); the backend then stays eager.
+    steps read them in place); replacing a weight afterwards needs a new instance.
+    Raises what compiling raised (no C++ compiler, an unsupported operator); the
+    backend then stays eager.
     """
 
     def __init__(self, decoder: Step37Decoder, cache: KVCache) -> None:
         if cache.scratch_slot is None:
-            raise ValueError("compiled decode steps need a KV cache with a scratch slot to compile on")
+            raise ValueError("compiled steps need a KV cache with a scratch slot to compile on")
+        if cache.max_seq_len < 4:
+            raise ValueError("compiled steps need max_seq_len >= 4 to compile on")
         if not decoder.joined_weights_packed:
-            decoder.pack_joined_weights()  # the compiled step reads the packed weights
+            decoder.pack_joined_weights()  # the compiled steps read the packed weights
         self.decoder = decoder
         self.cache = cache
-        self._key_positions = torch.arange(cache.max_seq_len, device=cache.device)  # [T]
-        self._compiled = torch.compile(self._step, dynamic=True, fullgraph=True, options={"cpp_wrapper": True})
+        device = cache.device
+        self._key_positions = torch.arange(cache.max_seq_len, device=device)  # [T]
+        self._decode = torch.compile(self._decode_step, dynamic=True, fullgraph=True, options=_OPTIONS)
+        self._prefill = torch.compile(self._prefill_step, dynamic=True, fullgraph=True, options=_OPTIONS)
         started = time.perf_counter()
         scratch = cache.scratch_slot
-        with torch.inference_mode():
+        hidden = decoder.embed_tokens.weight.shape[1]
+        with torch.inference_mode():  # on the scratch slot, with sizes unlike any fixed dim
             for count in (1, 2):  # batch 1 is specialised; 2 traces the symbolic batch
-                positions = torch.ones(count, dtype=torch.long, device=cache.device)
-                self._compiled(torch.zeros(count, dtype=torch.long, device=cache.device),
-                               torch.full((count,), scratch, dtype=torch.long, device=cache.device),
-                               positions, 5)
-        logger.info("decode step compiled in %.1f s", time.perf_counter() - started)
+                self._decode(torch.zeros(count, dtype=torch.long, device=device),
+                             torch.full((count,), scratch, dtype=torch.long, device=device),
+                             torch.ones(count, dtype=torch.long, device=device), 3)
+            self._prefill(torch.zeros(2, 3, hidden, dtype=decoder.embed_tokens.weight.dtype, device=device),
+                          torch.full((2,), scratch, dtype=torch.long, device=device),
+                          torch.ones(2, dtype=torch.long, device=device),
+                          torch.full((2,), 3, dtype=torch.long, device=device), 4)
+        logger.info("decode step and prefill compiled in %.1f s", time.perf_counter() - started)
 
-    def _step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
-              length: int) -> torch.Tensor:
-        """Logits ``[n, V]`` (float32) of ``tokens [n]`` written at ``positions [n]`` of ``slots [n]``,
-        attending over the first ``length`` positions of each slot (those past a row's own
-        position masked)."""
+    def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
+                     length: int) -> torch.Tensor:
         rows = torch.arange(tokens.shape[0], device=tokens.device)  # [n]
         return one_token_step(self.decoder, self.cache, tokens, slots, positions, self._key_positions[:length], rows)
+
+    def _prefill_step(self, embeddings: torch.Tensor, slots: torch.Tensor, starts: torch.Tensor,
+                      counts: torch.Tensor, length: int) -> torch.Tensor:
+        rows = torch.arange(embeddings.shape[0], device=embeddings.device)  # [n]
+        columns = torch.arange(embeddings.shape[1], device=embeddings.device)  # [L]
+        return prompt_step(self.decoder, self.cache, embeddings, slots, starts, counts,
+                           self._key_positions[:length], rows, columns)
 
     def decode(self, slots: Sequence[int], starts: Sequence[int], token_ids: torch.Tensor) -> torch.Tensor:
         """Logits ``[n, V]`` for one token per slot, ``token_ids [n]`` written at ``starts``.
@@ -76,5 +95,26 @@ class CompiledDecode:
         # outside it would fail the compiled step's guards and compile it again.
         tokens = token_ids.to(device=device, dtype=torch.long, copy=True)
         positions = torch.tensor(starts, dtype=torch.long, device=device)
-        return self._compiled(tokens, torch.tensor(slots, dtype=torch.long, device=device), positions,
-                              max(starts) + 1)
+        return self._decode(tokens, torch.tensor(slots, dtype=torch.long, device=device), positions,
+                            max(starts) + 1)
+
+    @staticmethod
+    def fits_prefill(longest: int) -> bool:
+        return longest >= 2  # a one-token prompt would specialise the compiled prefill
+
+    def prefill(self, slots: Sequence[int], starts: Sequence[int], embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
+        """Logits ``[n, V]`` of each prompt's last position; the caller checked the slots
+        (``KVCache.check_append``), advances their lengths afterwards, and asked :meth:`fits_prefill`."""
+        count, longest = len(slots), max(emb.shape[0] for emb in embeddings)
+        rows = max(count, 2)  # one newcomer rides with a one-token row in the scratch slot
+        weight = self.decoder.embed_tokens.weight
+        batch = torch.zeros(rows, longest, weight.shape[1], dtype=weight.dtype, device=weight.device)
+        lengths = [emb.shape[0] for emb in embeddings]
+        for row, emb in enumerate(embeddings):
+            batch[row, : emb.shape[0]] = emb
+        pad = rows - count
+        slot_ids = torch.tensor([*slots, *[self.cache.scratch_slot] * pad], dtype=torch.long, device=weight.device)
+        start_ids = torch.tensor([*starts, *[0] * pad], dtype=torch.long, device=weight.device)
+        counts = torch.tensor([*lengths, *[1] * pad], dtype=torch.long, device=weight.device)
+        ends = max(start + length for start, length in zip(starts, lengths, strict=True))
+        return self._prefill(batch, slot_ids, start_ids, counts, max(ends, 1))[:count]

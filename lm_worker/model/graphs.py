@@ -28,7 +28,7 @@ from lm_worker.model.kv_cache import CacheStep, KVCache
 from services.common.graphs import capture as capture_graph
 from services.common.graphs import padded_batch_sizes
 
-__all__ = ["DecodeGraphs", "PrefillGraphs", "one_token_step"]
+__all__ = ["DecodeGraphs", "PrefillGraphs", "one_token_step", "prompt_step"]
 
 
 def one_token_step(decoder: Step37Decoder, cache: KVCache, tokens: torch.Tensor, slots: torch.Tensor,
@@ -45,6 +45,33 @@ def one_token_step(decoder: Step37Decoder, cache: KVCache, tokens: torch.Tensor,
     x = decoder.embed_tokens(tokens)[:, None]  # [n, 1, H]
     hidden = decoder.run_layers(x, positions[:, None], cache, step)  # [n, 1, H]
     return decoder.compute_logits(hidden[:, 0]).float()  # [n, V]
+
+
+def prompt_step(decoder: Step37Decoder, cache: KVCache, embeddings: torch.Tensor, slots: torch.Tensor,
+                starts: torch.Tensor, counts: torch.Tensor, key_positions: torch.Tensor, rows: torch.Tensor,
+                columns: torch.Tensor) -> torch.Tensor:
+    """Logits ``[n, V]`` (float32) of each row's last prompt position: row ``b`` appends the
+    first ``counts[b]`` of ``embeddings [n, L, H]`` at ``starts[b]`` of ``slots[b]`` and
+    attends over ``key_positions [T]`` of its slot (causally, up to its end); ``rows`` is
+    ``arange(n)``, ``columns`` ``arange(L)``. A padded column writes its K/V into the
+    cache's scratch slot, so a slot receives exactly its prompt. The prefill of the
+    graphed and the compiled paths."""
+    positions = starts[:, None] + columns[None, :]  # [n, L]
+    valid = columns[None, :] < counts[:, None]  # [n, L]
+    scratch = torch.full_like(positions, cache.scratch_slot)
+    ends = starts + counts  # [n]
+    keys = key_positions
+    mask = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < ends[:, None, None])
+    step = CacheStep(
+        slots=slots, positions=positions, write_rows=rows, write_cols=columns,
+        write_slots=torch.where(valid, slots[:, None], scratch).flatten(),
+        write_positions=torch.where(valid, positions, columns[None, :]).flatten(),
+        attention_mask=mask[:, None], slot_ids=(), input_lengths=(),
+        total_length=keys.shape[0], slot_span=None, dense=True,
+    )  # fmt: skip
+    hidden = decoder.run_layers(embeddings, positions, cache, step)  # [n, L, H]
+    last = hidden[rows, counts - 1]  # [n, H]
+    return decoder.compute_logits(last).float()  # [n, V]
 
 
 class DecodeGraphs:
@@ -169,23 +196,8 @@ class PrefillGraphs:
         """The fixed-shape prefill over the buffers of ``shape``: logits ``[size, V]`` of each row's last token."""
         size, length = shape
         slots, starts, counts = self._inputs[shape].unbind(0)  # each [size]
-        columns = self._columns[length]  # [L]
-        positions = starts[:, None] + columns[None, :]  # [size, L]
-        valid = columns[None, :] < counts[:, None]  # [size, L]
-        scratch = torch.full_like(positions, self.cache.scratch_slot)
-        ends = starts + counts  # [size]
-        keys = self._key_positions
-        mask = (keys[None, None, :] <= positions[:, :, None]) & (keys[None, None, :] < ends[:, None, None])
-        step = CacheStep(
-            slots=slots, positions=positions, write_rows=self._rows[size], write_cols=columns,
-            write_slots=torch.where(valid, slots[:, None], scratch).flatten(),
-            write_positions=torch.where(valid, positions, columns[None, :]).flatten(),
-            attention_mask=mask[:, None], slot_ids=(), input_lengths=(),
-            total_length=self.cache.max_seq_len, slot_span=None, dense=True,
-        )  # fmt: skip
-        hidden = self.decoder.run_layers(self._embeddings[shape], positions, self.cache, step)  # [size, L, H]
-        last = hidden[self._rows[size], counts - 1]  # [size, H]
-        return self.decoder.compute_logits(last).float()  # [size, V]
+        return prompt_step(self.decoder, self.cache, self._embeddings[shape], slots, starts, counts,
+                           self._key_positions, self._rows[size], self._columns[length])
 
     def prefill(self, slots: Sequence[int], starts: Sequence[int], embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``[n, V]`` of each prompt's last position; the caller checked the slots

@@ -222,9 +222,10 @@ def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> 
     join_and_leave(decoder, backend, sequences)
 
 
-def test_compiled_decode_steps_keep_batch_invariance_without_recompiling() -> None:
-    """The Inductor-compiled decode step (the CPU's ``--compile-steps``) under the same
-    joining and leaving: compiled once when built, for every batch size and length."""
+def test_compiled_steps_keep_batch_invariance_without_recompiling() -> None:
+    """The Inductor-compiled decode step and prefill (the CPU's ``--compile-steps``) under
+    the same joining and leaving, one newcomer or two: compiled once when built, for every
+    batch size and length."""
     decoder = make_decoder(seed=3)
     backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16, compile_steps=True)
     assert backend.compiled is not None and backend.graphs is None and backend.cache.scratch_slot == 3
