@@ -56,6 +56,11 @@ class CompiledSteps:
         self.cache = cache
         device = cache.device
         self._key_positions = torch.arange(cache.max_seq_len, device=device)  # [T]
+        # Only the step's own sizes are symbolic: with the cache's dims symbolic too, a batch
+        # that happened to equal one of them while compiling (two newcomers, two K/V heads)
+        # would be guarded equal to it, and another batch size would compile again.
+        for fixed in (*cache.keys, *cache.values, self._key_positions):
+            torch._dynamo.mark_static(fixed)
         self._decode = torch.compile(self._decode_step, dynamic=True, fullgraph=True, options=_OPTIONS)
         self._prefill = torch.compile(self._prefill_step, dynamic=True, fullgraph=True, options=_OPTIONS)
         started = time.perf_counter()

@@ -236,11 +236,22 @@ def test_compiled_steps_keep_batch_invariance_without_recompiling() -> None:
             "c": [40, 41, 42, 43, 44, 45, 46, 47],
             "d": [5, 15, 25, 35, 45, 6, 16, 26],
         })
+        # Three newcomers at once (more than any size the steps were compiled at), and
+        # three running sequences, with as many as the model's K/V heads plus one.
+        for slot in range(3):
+            backend.free(slot)
+        sequences = {"e": [3, 1, 4, 1, 5, 9, 2, 6], "f": [2, 7, 1, 8, 2, 8], "g": [1, 4, 1, 4, 2, 1, 3]}
+        assert decoder.config.num_kv_heads == 2
+        join_and_leave(decoder, backend, sequences, joins=[(["e", "f", "g"], [4, 3, 5])],
+                       steps=[["e", "f", "g"], ["g", "e", "f"]])
 
 
-def join_and_leave(decoder: Step37Decoder, backend: LocalDecoderBackend, sequences: dict[str, list[int]]) -> None:
+def join_and_leave(decoder: Step37Decoder, backend: LocalDecoderBackend, sequences: dict[str, list[int]], *,
+                   joins: list[tuple[list[str], list[int]]] | None = None,
+                   steps: list[list[str]] | None = None) -> None:
     """Sequences join, decode in changing company and order, and leave (a freed slot is
-    reused); every logit is checked against the sequence's own full forward."""
+    reused); every logit is checked against the sequence's own full forward. ``joins``
+    then ``steps``, when given, replace the default scenario."""
     expected = {name: full_logits(decoder, toks) for name, toks in sequences.items()}
     slot, fed = {}, {}
 
@@ -266,6 +277,12 @@ def join_and_leave(decoder: Step37Decoder, backend: LocalDecoderBackend, sequenc
             fed[name] += 1
             check(name, logits[row])
 
+    if joins is not None:
+        for names, lengths in joins:
+            join(names, lengths)
+        for names in steps or []:
+            step(names)
+        return
     join(["a"], [3])
     step(["a"])
     join(["b", "c"], [5, 2])  # two newcomers of different lengths, padded together
