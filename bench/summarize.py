@@ -242,13 +242,19 @@ def http_floor(wire_ms: float, latency_ms: float) -> list[str]:
     result = load("http_floor-cpu")
     if result is None:
         return []
-    ours, theirs = result["results"]["aiohttp"], result["results"]["httpx"]
-    floor = result["two_calls_ms"]["aiohttp"]
+    gateway = "lean" if "lean" in result["results"] else "aiohttp"
+    ours, theirs = result["results"][gateway], result["results"]["httpx"]
+    floor = result["two_calls_ms"][gateway]
+    cpu = result.get("two_calls_client_cpu_ms")
+    client_cpu = (f"; the client's own CPU for the two calls: {cpu['lean']:.2f} ms with LeanClient, "
+                  f"{cpu['aiohttp']:.2f} ms with httpx.AsyncClient over the same transport, {cpu['httpx']:.2f} ms "
+                  "over httpx's own" if cpu else "")
     return [f"The wire's floor: a bare HTTP round trip (`GET /health`, keep-alive, "
             f"`python bench/http_floor.py`) takes {ours['encoder']['median_ms']:.1f} ms (encoder) and "
             f"{ours['lm_worker']['median_ms']:.1f} ms (LM worker) here through the gateway's client "
-            f"(httpx's API over aiohttp's transport; httpx's own transport: {theirs['encoder']['median_ms']:.1f} "
-            f"and {theirs['lm_worker']['median_ms']:.1f} ms), so the two calls of a request cost {floor:.1f} ms "
+            f"(httpx's API over aiohttp's transport; httpx's own client and transport: "
+            f"{theirs['encoder']['median_ms']:.1f} and {theirs['lm_worker']['median_ms']:.1f} ms{client_cpu}), "
+            f"so the two calls of a request cost {floor:.1f} ms "
             f"({100 * floor / latency_ms:.1f} % of it) before any body is sent; the other "
             f"{max(0.0, wire_ms - floor):.1f} ms of the {wire_ms:.1f} ms are bodies, msgpack and the hand-offs "
             "between event loops and model threads. " + provenance(result), ""]
