@@ -17,7 +17,7 @@ import torch
 from lm_worker.app import create_app
 from lm_worker.model import DecoderConfig
 from lm_worker.settings import DTYPES, LMWorkerSettings
-from services.common.server import serve
+from services.common.server import serve, setup_logging
 from services.common.settings import add_setting
 
 __all__ = ["add_arguments", "run"]
@@ -59,7 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 help="auto: on a GPU, decode steps replay CUDA graphs captured at start-up; off: eager")
     add_setting(parser, "--compile-steps", default=_default("compile_steps"), choices=["on", "off"],
                 help="on: decode steps and prefills compiled by Inductor at start-up, the CPU's "
-                     "counterpart of CUDA graphs (about half a minute on two cores; needs g++)")
+                     "counterpart of CUDA graphs (up to a minute or so on two cores; needs g++)")
     add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
                 help="largest accepted request body")
     add_setting(parser, "--internal-token", default=None, secret=True, type=_optional,
@@ -70,6 +70,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    setup_logging(args.log_level)  # before loading: loading (and compiling) logs too
     if args.torch_threads > 0:
         torch.set_num_threads(args.torch_threads)
     try:

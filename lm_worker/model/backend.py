@@ -77,10 +77,10 @@ class LocalDecoderBackend:
     eager and it says why. On the CPU, ``True`` runs the same fixed-shape steps without
     graphs (for tests).
 
-    ``compile_steps``, the CPU's counterpart (off by default: it costs about a minute of
-    compiling on two cores when the backend is built), runs decode steps and prefills
-    compiled by Inductor (:mod:`lm_worker.model.compiled`); if compiling fails, they stay
-    eager and it says why. Where CUDA graphs run, they are used instead.
+    ``compile_steps``, the CPU's counterpart (off by default: compiling when the backend
+    is built takes up to a minute or so on two cores), runs decode steps and
+    prefills compiled by Inductor (:mod:`lm_worker.model.compiled`); if compiling fails,
+    they stay eager and it says why. It applies on the CPU only.
     """
 
     def __init__(self, decoder: Step37Decoder, *, max_batch_size: int, max_seq_len: int,
@@ -90,7 +90,7 @@ class LocalDecoderBackend:
         self._device, self._dtype = weight.device, weight.dtype
         on_gpu = self._device.type == "cuda"
         fixed_shapes = on_gpu if cuda_graphs is None else cuda_graphs
-        compile_steps = compile_steps and not fixed_shapes
+        compile_steps = compile_steps and not fixed_shapes and self._device.type == "cpu"
         self.cache: KVCache = decoder.new_kv_cache(
             max_batch_size=max_batch_size, max_seq_len=max_seq_len, scratch_slot=fixed_shapes or compile_steps
         )

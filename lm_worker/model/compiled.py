@@ -7,10 +7,10 @@ do not exist here; Inductor instead turns each into a few generated C++ kernels 
 a C++ wrapper.
 
 Each compiled function serves every batch size and length: those are symbolic, so the
-functions compile when the backend is built and not again while serving. The decode
-step compiles twice (a batch of one, which Inductor specialises, and any larger batch);
-the prefill once, a single newcomer being padded with a one-token row in the cache's
-scratch slot, and a one-token prompt (another specialisation) prefilling eagerly. Both
+functions compile when the backend is built and not again while serving. Each compiles
+twice (a batch of one, which Inductor specialises, and any larger batch); a one-token
+prompt (another specialisation) prefills eagerly. Should a call still miss every
+compiled variant, it runs eagerly rather than compiling inside the engine loop. Both
 attend up to the longest sequence of the step, masked per row, and write K/V into the
 slots in place, as the eager path does; they are the graphed path's step functions
 (:mod:`lm_worker.model.graphs`) on symbolic shapes.
@@ -45,6 +45,11 @@ class CompiledSteps:
     backend then stays eager.
     """
 
+    # While serving, a call no compiled variant's guards accept runs eagerly
+    # (``torch._dynamo.run``): compiling would stall every running sequence for tens of
+    # seconds. Tests turn it off to see a recompile (``error_on_recompile``).
+    run_only = True
+
     def __init__(self, decoder: Step37Decoder, cache: KVCache) -> None:
         if cache.scratch_slot is None:
             raise ValueError("compiled steps need a KV cache with a scratch slot to compile on")
@@ -71,10 +76,13 @@ class CompiledSteps:
                 self._decode(torch.zeros(count, dtype=torch.long, device=device),
                              torch.full((count,), scratch, dtype=torch.long, device=device),
                              torch.ones(count, dtype=torch.long, device=device), 3)
-            self._prefill(torch.zeros(2, 3, hidden, dtype=decoder.embed_tokens.weight.dtype, device=device),
-                          torch.full((2,), scratch, dtype=torch.long, device=device),
-                          torch.ones(2, dtype=torch.long, device=device),
-                          torch.full((2,), 3, dtype=torch.long, device=device), 4)
+                self._prefill(torch.zeros(count, 3, hidden, dtype=decoder.embed_tokens.weight.dtype, device=device),
+                              torch.full((count,), scratch, dtype=torch.long, device=device),
+                              torch.ones(count, dtype=torch.long, device=device),
+                              torch.full((count,), 3, dtype=torch.long, device=device), 4)
+        if self.run_only:
+            self._decode = torch._dynamo.run(self._decode_step)
+            self._prefill = torch._dynamo.run(self._prefill_step)
         logger.info("decode step and prefill compiled in %.1f s", time.perf_counter() - started)
 
     def _decode_step(self, tokens: torch.Tensor, slots: torch.Tensor, positions: torch.Tensor,
@@ -110,16 +118,12 @@ class CompiledSteps:
     def prefill(self, slots: Sequence[int], starts: Sequence[int], embeddings: Sequence[torch.Tensor]) -> torch.Tensor:
         """Logits ``[n, V]`` of each prompt's last position; the caller checked the slots
         (``KVCache.check_append``), advances their lengths afterwards, and asked :meth:`fits_prefill`."""
-        count, longest = len(slots), max(emb.shape[0] for emb in embeddings)
-        rows = max(count, 2)  # one newcomer rides with a one-token row in the scratch slot
         weight = self.decoder.embed_tokens.weight
-        batch = torch.zeros(rows, longest, weight.shape[1], dtype=weight.dtype, device=weight.device)
         lengths = [emb.shape[0] for emb in embeddings]
+        batch = torch.zeros(len(slots), max(lengths), weight.shape[1], dtype=weight.dtype, device=weight.device)
         for row, emb in enumerate(embeddings):
-            batch[row, : emb.shape[0]] = emb
-        pad = rows - count
-        slot_ids = torch.tensor([*slots, *[self.cache.scratch_slot] * pad], dtype=torch.long, device=weight.device)
-        start_ids = torch.tensor([*starts, *[0] * pad], dtype=torch.long, device=weight.device)
-        counts = torch.tensor([*lengths, *[1] * pad], dtype=torch.long, device=weight.device)
+            batch[row, : emb.shape[0]] = emb  # right-padded; padded columns write the scratch slot
         ends = max(start + length for start, length in zip(starts, lengths, strict=True))
-        return self._prefill(batch, slot_ids, start_ids, counts, max(ends, 1))[:count]
+        return self._prefill(batch, torch.tensor(slots, dtype=torch.long, device=weight.device),
+                             torch.tensor(starts, dtype=torch.long, device=weight.device),
+                             torch.tensor(lengths, dtype=torch.long, device=weight.device), ends)

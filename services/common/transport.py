@@ -130,8 +130,9 @@ class LeanClient(httpx.AsyncClient):
 
     ``send`` hands the request to the transport and returns its response as it is: no
     cookies are stored or sent, no auth flow runs, redirects are returned, not followed
-    (our services answer none), and event hooks are not called. A request that asks for
-    auth or redirect following (or a client built with them) takes httpx's own path.
+    (our services answer none), and ``response.elapsed`` is not set. A request that asks
+    for auth or redirect following (or a client built with them, or with event hooks)
+    takes httpx's own path.
     """
 
     def __init__(self, *, transport: httpx.AsyncBaseTransport, **kwargs: object) -> None:
@@ -142,9 +143,12 @@ class LeanClient(httpx.AsyncClient):
                    auth: object = httpx.USE_CLIENT_DEFAULT,
                    follow_redirects: object = httpx.USE_CLIENT_DEFAULT) -> httpx.Response:
         if (auth not in (httpx.USE_CLIENT_DEFAULT, None) or follow_redirects is True or self.auth is not None
-                or (follow_redirects is httpx.USE_CLIENT_DEFAULT and self.follow_redirects) or self.is_closed):
+                or (follow_redirects is httpx.USE_CLIENT_DEFAULT and self.follow_redirects) or self.is_closed
+                or any(self.event_hooks.values())):
             return await super().send(request, stream=stream, auth=auth,  # type: ignore[arg-type]
                                       follow_redirects=follow_redirects)  # type: ignore[arg-type]
+        if "timeout" not in request.extensions:  # a request built by hand: the client's default, as httpx
+            request.extensions = {**request.extensions, "timeout": self.timeout.as_dict()}
         try:
             response = await self._lean_transport.handle_async_request(request)
         except httpx.RequestError as exc:

@@ -129,7 +129,7 @@ class InProcessCaptioner:
                 self._backend = LocalDecoderBackend(self.decoder, max_batch_size=self.max_batch_size,
                                                 max_seq_len=self.decoder.config.max_position_embeddings,
                                                 cuda_graphs=self.cuda_graphs, compile_steps=self.compile_steps)
-            self._backend_weights = weights
+            self._backend_weights = _weights_key(self.decoder)  # compiling may have packed the weights
         return self._backend
 
     def _caption_chunk(self, features: torch.Tensor, prompt: str, max_new_tokens: int) -> list[str]:

@@ -103,7 +103,7 @@ class EncoderClient:
 
     async def encode(self, images: Sequence[bytes], *, request_id: str) -> EncodeResult:
         """Features for ``images``; a retryable failure is tried again on another endpoint,
-        or, after a lost connection with no other endpoint left, on the same one (a new
+        or, after a lost connection with no other endpoint left, on the same one (another
         connection: a server may close a kept-alive one just as it is reused)."""
         tried: list[Endpoint] = []
         last_error: GatewayError | None = None

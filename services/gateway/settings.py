@@ -143,7 +143,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "--lm-timeout-s": (float, "timeout of a generate call, and most time between streamed tokens"),
     "--connect-timeout-s": (float, "TCP connect timeout to downstreams"),
     "--fetch-timeout-s": (float, "timeout for fetching an allow-listed image URL"),
-    "--encoder-attempts": (int, "encoder attempts, each on another endpoint (encodes are idempotent)"),
+    "--encoder-attempts": (int, "encoder attempts, each on another endpoint (encodes are idempotent; after a lost "
+                                   "connection with none left, the same one again)"),
     "--probe-interval-s": (float, "seconds between readiness probes of each endpoint"),
     "--eject-after-failures": (int, "consecutive failures that take an endpoint out of rotation"),
     "--max-concurrent-requests": (int, "requests served at once; more get 503 (overloaded)"),

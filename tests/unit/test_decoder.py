@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from lm_worker.model.backend import DecoderBackend, LocalDecoderBackend
+from lm_worker.model.compiled import CompiledSteps
 from lm_worker.model.config import ConfigError, DecoderConfig
 from lm_worker.model.decoder import Step37Decoder
 from lm_worker.model.kv_cache import CacheCapacityError
@@ -222,28 +223,30 @@ def test_batch_invariance_with_slots_joining_and_leaving(fixed_shapes: bool) -> 
     join_and_leave(decoder, backend, sequences)
 
 
-def test_compiled_steps_keep_batch_invariance_without_recompiling() -> None:
+def test_compiled_steps_keep_batch_invariance_without_recompiling(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Inductor-compiled decode step and prefill (the CPU's ``--compile-steps``) under
     the same joining and leaving, one newcomer or two: compiled once when built, for every
     batch size and length."""
+    # Serving would run a call no compiled variant accepts eagerly; here it fails the test.
+    monkeypatch.setattr(CompiledSteps, "run_only", False)
     decoder = make_decoder(seed=3)
     backend = LocalDecoderBackend(decoder, max_batch_size=3, max_seq_len=16, compile_steps=True)
     assert backend.compiled is not None and backend.graphs is None and backend.cache.scratch_slot == 3
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        join_and_leave(decoder, backend, {
-            "a": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
-            "b": [20, 21, 22, 23, 24, 25, 26, 27, 28],
-            "c": [40, 41, 42, 43, 44, 45, 46, 47],
-            "d": [5, 15, 25, 35, 45, 6, 16, 26],
-        })
-        # Three newcomers at once (more than any size the steps were compiled at), and
-        # three running sequences, with as many as the model's K/V heads plus one.
-        for slot in range(3):
-            backend.free(slot)
-        sequences = {"e": [3, 1, 4, 1, 5, 9, 2, 6], "f": [2, 7, 1, 8, 2, 8], "g": [1, 4, 1, 4, 2, 1, 3]}
-        assert decoder.config.num_kv_heads == 2
-        join_and_leave(decoder, backend, sequences, joins=[(["e", "f", "g"], [4, 3, 5])],
-                       steps=[["e", "f", "g"], ["g", "e", "f"]])
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)  # compiled above; not again
+    join_and_leave(decoder, backend, {
+        "a": [1, 2, 3, 4, 5, 6, 7, 8, 9, 10],
+        "b": [20, 21, 22, 23, 24, 25, 26, 27, 28],
+        "c": [40, 41, 42, 43, 44, 45, 46, 47],
+        "d": [5, 15, 25, 35, 45, 6, 16, 26],
+    })
+    # Three newcomers at once (more than any size the steps were compiled at), and
+    # three running sequences, with as many as the model's K/V heads plus one.
+    for slot in range(3):
+        backend.free(slot)
+    sequences = {"e": [3, 1, 4, 1, 5, 9, 2, 6], "f": [2, 7, 1, 8, 2, 8], "g": [1, 4, 1, 4, 2, 1, 3]}
+    assert decoder.config.num_kv_heads == 2
+    join_and_leave(decoder, backend, sequences, joins=[(["e", "f", "g"], [4, 3, 5])],
+                   steps=[["e", "f", "g"], ["g", "e", "f"]])
 
 
 def join_and_leave(decoder: Step37Decoder, backend: LocalDecoderBackend, sequences: dict[str, list[int]], *,
