@@ -105,7 +105,7 @@ class CompiledSteps:
         """
         device = self.cache.device
         # Fresh tensors, made (as the warm-up's) in the caller's inference mode: a tensor from
-        # outside it would fail the compiled step's guards and compile it again.
+        # outside it would miss the compiled graphs' guards, and the step would run eagerly.
         tokens = token_ids.to(device=device, dtype=torch.long, copy=True)
         positions = torch.tensor(starts, dtype=torch.long, device=device)
         return self._decode(tokens, torch.tensor(slots, dtype=torch.long, device=device), positions,

@@ -12,8 +12,8 @@ httpx's own transport: that path is not latency-bound.
 
 :class:`LeanClient` is the ``httpx.AsyncClient`` those calls go through: its ``send``
 hands a request straight to the transport, skipping the cookie jar, the auth flow and
-the redirect loop that ``httpx.AsyncClient.send`` runs for every call (about 0.4 ms of
-CPU per call on the 2-core machine, as much again as the transport itself).
+the redirect loop that ``httpx.AsyncClient.send`` runs for every call (``python
+bench/http_floor.py`` times the client's CPU per call with each).
 
 The mapping: httpx's per-request ``connect`` timeout bounds waiting for a pooled
 connection and opening one, its ``read`` timeout the gap between received bytes.

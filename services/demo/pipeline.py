@@ -51,8 +51,6 @@ class InProcessCaptioner:
         self.max_batch_size = max_batch_size
         self.cuda_graphs = cuda_graphs  # None: on a GPU, as the LM worker
         self.compile_steps = compile_steps  # as the LM worker's --compile-steps on
-        if compile_steps:
-            decoder.pack_joined_weights()  # what the compiled step reads, as the LM worker loads it
         self._backend: LocalDecoderBackend | None = None
         self._backend_weights: tuple[tuple[int, int], ...] = ()
         self._tower: TowerGraphs | None = None
