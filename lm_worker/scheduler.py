@@ -172,12 +172,17 @@ class Scheduler:
         newcomers = self.inbox.take(room, self.max_prefill_tokens) if room > 0 else []
         if newcomers:
             advanced += self._prefill(newcomers)
-            self._flush()
+            self._publish()
         if self._running:
             advanced += self._decode(list(self._running))
-            self._flush()
-        self.observer.on_queue(len(self._running), len(self.inbox), self.backend.num_free_slots)
+        self._publish()
         return advanced
+
+    def _publish(self) -> None:
+        """Report the queue, then send what the step produced: the gauges never lag an
+        answer (a client that has its answer does not see itself still running)."""
+        self.observer.on_queue(len(self._running), len(self.inbox), self.backend.num_free_slots)
+        self._flush()
 
     def _prefill(self, newcomers: list[ScheduledSequence]) -> int:
         start = time.perf_counter()
