@@ -55,6 +55,7 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv 2>&1 | tee 
     2>&1 | tee -a "$log"
 step 180 gpu-tests "$py" -m pytest tests/gpu -q -rA -p no:cacheprovider
 step 60 insert "$py" bench/insert.py --dtype bfloat16 --rounds 21
+step 400 train-sweep env TIMEOUT_S=360 PYTHON="$py" bash bench/train_sweep_recipes.sh
 step 150 eval-demo "$py" -m services.cli eval-demo --scenes 500 --compare-in-process --device cuda \
     --out bench/results/eval-demo-cuda.json
 step 90 decode-step "$py" bench/decode_step.py --device cuda

@@ -29,8 +29,10 @@ __all__ = [
     "ImageLimits",
     "check_pixels",
     "decode_image",
+    "normalise_levels",
     "preprocess_batch",
     "preprocess_image",
+    "rgb_levels",
     "to_rgb",
 ]
 
@@ -180,14 +182,26 @@ def preprocess_image(
             _load(image, field)  # a caller's Image.open() result may not be decoded yet
         else:
             raise BadImage(field, f"unsupported image input type {type(image).__name__}")
-        resized = to_rgb(image, field=field).resize((size, size), Image.Resampling.BILINEAR)
-        levels = np.asarray(resized)  # [S, S, 3] uint8
+        levels = rgb_levels(image, size, field=field)  # [S, S, 3] uint8
         normalised = np.empty((3, size, size), dtype=np.float32)
         for channel in range(3):
             np.take(_LEVELS[channel], levels[:, :, channel], out=normalised[channel], mode="clip")  # uint8: in range
         return torch.from_numpy(normalised)  # [3, S, S]
     normalised = (unit_range - _MEAN) / _STD  # [S, S, 3]
     return torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1)))  # [3, S, S]
+
+
+def rgb_levels(image: Image.Image, size: int, *, field: str = "image") -> np.ndarray:
+    """A decoded image as upright RGB resized to ``size`` × ``size``: 8-bit levels [S, S, 3]."""
+    return np.asarray(to_rgb(image, field=field).resize((size, size), Image.Resampling.BILINEAR))
+
+
+def normalise_levels(levels: torch.Tensor) -> torch.Tensor:
+    """8-bit RGB levels ``[..., S, S, 3]`` (uint8) → CLIP-normalised float32 ``[..., 3, S, S]``
+    on the levels' device: the values :func:`preprocess_image` gives, by the same table."""
+    table = torch.from_numpy(_LEVELS).to(levels.device)  # [3, 256]
+    channel = torch.arange(3, device=levels.device).view(3, 1, 1)  # [3, 1, 1]
+    return table[channel, levels.movedim(-1, -3).long()]  # [..., 3, S, S]
 
 
 def check_pixels(pixels: torch.Tensor, patch_size: int, limits: ImageLimits = DEFAULT_LIMITS, *,

@@ -11,23 +11,29 @@ caption whatever the user writes around the image. Seeded; CPU-friendly.
 from __future__ import annotations
 
 import argparse
+import collections
+import contextlib
 import datetime
 import functools
+import itertools
 import json
 import math
 import os
 import random
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Executor, ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from encoder_server.model import VisionConfig, init_random, load_vision_model
-from encoder_server.preprocess import preprocess_image
+from encoder_server.model import VisionConfig, init_random, load_vision_model, resolve_device
+from encoder_server.preprocess import normalise_levels, rgb_levels
 from lm_worker.image_insert_embedding import ImageForInsert, ImageInsertEmbedding
 from lm_worker.model.config import DecoderConfig
 from lm_worker.model.decoder import Step37Decoder
@@ -82,8 +88,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
                         help="torch.compile the tower and the decoder for training (~6 %% faster steps on two CPU cores, "
                              "compiling included); falls back to eager mode if compiling fails")
+    parser.add_argument("--device", default="auto",
+                        help="cpu, cuda, or auto (cuda when there is a GPU); on a GPU one process trains in float32 "
+                             "while --render-processes draw the scenes")
+    parser.add_argument("--render-processes", type=int, default=None,
+                        help="processes rendering the scenes of coming batches (default: on a GPU the usable "
+                             "cores but one; on the CPU none, each worker renders its share between steps)")
     parser.add_argument("--init-from", default=None,
                         help="continue from this checkpoint's weights and tokenizer (a fresh schedule)")
+
+
+def render_examples(scene_seeds: Sequence[int], image_size: int) -> tuple[np.ndarray, list[str]]:
+    """Scenes' pixels as the encoder's preprocessing reads them (8-bit levels ``[n, S, S, 3]``)
+    and their captions. A plain function of the seeds, so other processes can render them."""
+    scenes = [generate_scene(seed, image_size) for seed in scene_seeds]
+    levels = np.stack([rgb_levels(scene.image, image_size) for scene in scenes])  # [n, S, S, 3] uint8
+    return levels, [scene.caption for scene in scenes]
 
 
 class Examples:
@@ -105,19 +125,25 @@ class Examples:
             ids = ids[:position] + unknown + ids[position:]
         return ids
 
+    def draw(self, size: int) -> list[tuple[int, list[int]]]:
+        """The next ``size`` examples of the stream: each one's scene seed and prompt ids."""
+        return [(self.rng.getrandbits(63), self.prompt_ids()) for _ in range(size)]
+
     def batch(self, size: int, part: range | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next ``size`` examples of the stream, of which only those in ``part`` (all by
         default) are rendered and returned: a worker draws every example's seed and prompt,
         so that all workers walk the same stream, and renders only its own share."""
         part = range(size) if part is None else part
-        pixels, sequences, labels = [], [], []
-        for index in range(size):
-            scene_seed, prompt = self.rng.getrandbits(63), self.prompt_ids()
-            if index not in part:
-                continue
-            scene = generate_scene(scene_seed, self.image_size)
-            pixels.append(preprocess_image(scene.image, self.image_size))
-            target = self.tokenizer.encode_text(scene.caption) + [self.tokenizer.eos_token_id]
+        drawn = [example for index, example in enumerate(self.draw(size)) if index in part]
+        levels, captions = render_examples([seed for seed, _ in drawn], self.image_size)
+        return self.assemble([prompt for _, prompt in drawn], torch.from_numpy(levels), captions)
+
+    def assemble(self, prompts: Sequence[list[int]], levels: torch.Tensor,
+                 captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pixels ``[b, 3, S, S]``, input_ids ``[b, S]``, labels ``[b, S]``) on the levels' device."""
+        sequences, labels = [], []
+        for prompt, caption in zip(prompts, captions, strict=True):
+            target = self.tokenizer.encode_text(caption) + [self.tokenizer.eos_token_id]
             sequences.append(prompt + target)
             # Position t predicts token t+1: only caption (and EOS) targets count.
             labels.append([IGNORE] * (len(prompt) - 1) + target + [IGNORE])
@@ -125,7 +151,25 @@ class Examples:
         pad = self.tokenizer.tokenizer.token_to_id("<pad>")
         input_ids = torch.tensor([s + [pad] * (longest - len(s)) for s in sequences])  # [b, S]
         label_ids = torch.tensor([lab + [IGNORE] * (longest - len(lab)) for lab in labels])  # [b, S]
-        return torch.stack(pixels), input_ids, label_ids
+        device = levels.device
+        return normalise_levels(levels), input_ids.to(device), label_ids.to(device)
+
+    def prefetched(self, size: int, pool: Executor, device: torch.device, ahead: int = 3,
+                   chunk: int = 8) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """The stream's whole batches, their scenes rendered on ``pool`` ``ahead`` batches in
+        advance: the same batches as :meth:`batch`, while the model trains on the current one."""
+        pending: collections.deque = collections.deque()
+        while True:
+            while len(pending) < ahead:
+                drawn = self.draw(size)
+                seeds = [seed for seed, _ in drawn]
+                jobs = [pool.submit(render_examples, seeds[start : start + chunk], self.image_size)
+                        for start in range(0, size, chunk)]
+                pending.append(([prompt for _, prompt in drawn], jobs))
+            prompts, jobs = pending.popleft()
+            parts = [job.result() for job in jobs]
+            levels = torch.from_numpy(np.concatenate([levels for levels, _ in parts])).to(device)
+            yield self.assemble(prompts, levels, [caption for _, captions in parts for caption in captions])
 
 
 def make_optimizer(vision: torch.nn.Module, decoder: torch.nn.Module, fusion: ImageInsertEmbedding,
@@ -216,6 +260,11 @@ def usable_cores() -> int:
 def worker_layout(args: argparse.Namespace) -> tuple[int, int]:
     """(workers, torch threads per worker) for ``--workers`` and ``--threads``."""
     cores = usable_cores()
+    if resolve_device(None if args.device == "auto" else args.device).type != "cpu":
+        if args.workers > 1:
+            raise SystemExit("--workers is for training on the CPU: on a GPU one process trains and "
+                             "--render-processes draw the scenes")
+        return 1, args.threads or 1
     workers = args.workers or min(cores, args.batch_size)
     if not 1 <= workers <= args.batch_size:
         raise SystemExit(f"--workers must be between 1 and --batch-size ({args.batch_size}), got {workers}")
@@ -270,8 +319,11 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
     single process's up to the order of float additions."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    device = resolve_device(None if args.device == "auto" else args.device)
     with tempfile.TemporaryDirectory(prefix="train-demo-") as scratch:  # only worker 0 writes to --out
         vision, decoder, fusion, tokenizer, text_config = build_models(args, out if rank == 0 else Path(scratch))
+    for module in (vision, decoder, fusion):  # built (and seeded) on the CPU: the same start on any device
+        module.to(device)
     vision_config = vision.config
     params = [*vision.parameters(), *decoder.parameters(), *fusion.parameters()]
     optimizer = make_optimizer(vision, decoder, fusion, args)
@@ -291,35 +343,37 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
     log: list[dict[str, float]] = []
     started = time.perf_counter()
     progress = tqdm(range(args.steps), desc="train step37-tiny", unit="step", disable=rank != 0)
-    for step in progress:
-        pixels, input_ids, labels = examples.batch(args.batch_size, share)
-        set_learning_rate(optimizer, learning_rate(step, args))
-        targets = (labels != IGNORE).sum().to(torch.float32)
-        if distributed:
-            dist.all_reduce(targets)  # caption tokens in the whole batch
-        optimizer.zero_grad(set_to_none=True)
-        try:
-            loss = step_loss(pixels, input_ids, labels) / targets
-            loss.backward()
-        except Exception as exc:  # only a failure of the first compiled step falls back; others re-raise
-            if step or step_loss is eager_loss:
-                raise
-            print(f"train-demo: torch.compile failed ({type(exc).__name__}: {exc}); training without it", flush=True)
-            step_loss = eager_loss
+    with batch_stream(examples, args, share, device) as batches:
+        for step in progress:
+            pixels, input_ids, labels = next(batches)
+            set_learning_rate(optimizer, learning_rate(step, args))
+            targets = (labels != IGNORE).sum().to(torch.float32)
+            if distributed:
+                dist.all_reduce(targets)  # caption tokens in the whole batch
             optimizer.zero_grad(set_to_none=True)
-            loss = step_loss(pixels, input_ids, labels) / targets
-            loss.backward()
-        if distributed:
-            loss = _sum_gradients(params, loss.detach())
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        progress.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 10 == 0 or step == args.steps - 1:
-            log.append({"step": step, "loss": round(loss.item(), 5), "lr": learning_rate(step, args),
-                        "elapsed_s": round(time.perf_counter() - started, 1)})
-        if rank == 0 and step % 100 == 0:  # a run stopped early still leaves its loss curve
-            partial = {"finished": False, "workers": workers, "args": vars(args), "log": log}
-            (out / "training_log.json").write_text(json.dumps(partial, indent=2) + "\n")
+            try:
+                loss = step_loss(pixels, input_ids, labels) / targets
+                loss.backward()
+            except Exception as exc:  # only a failure of the first compiled step falls back; others re-raise
+                if step or step_loss is eager_loss:
+                    raise
+                print(f"train-demo: torch.compile failed ({type(exc).__name__}: {exc}); training without it",
+                      flush=True)
+                step_loss = eager_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss = step_loss(pixels, input_ids, labels) / targets
+                loss.backward()
+            if distributed:
+                loss = _sum_gradients(params, loss.detach())
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            progress.set_postfix(loss=f"{loss.item():.4f}")
+            if step % 10 == 0 or step == args.steps - 1:
+                log.append({"step": step, "loss": round(loss.item(), 5), "lr": learning_rate(step, args),
+                            "elapsed_s": round(time.perf_counter() - started, 1)})
+            if rank == 0 and step % 100 == 0:  # a run stopped early still leaves its loss curve
+                partial = {"finished": False, "workers": workers, "args": vars(args), "log": log}
+                (out / "training_log.json").write_text(json.dumps(partial, indent=2) + "\n")
     if rank != 0:
         return 0
 
@@ -329,13 +383,37 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
     torch.set_num_threads(usable_cores())  # the other workers are done: evaluate on all cores
     captioner = InProcessCaptioner(vision, decoder, fusion, tokenizer)
     scores = evaluate(captioner, args.eval_scenes, args.eval_seed, vision_config.image_size)
+    for module in (vision, decoder, fusion):
+        module.cpu()
     report = {"finished": True, "train_seconds": round(train_seconds, 1), "workers": workers,
-              "compiled": step_loss is not eager_loss, "args": vars(args), "eval": scores, "log": log}
+              "device": str(device), "compiled": step_loss is not eager_loss, "args": vars(args), "eval": scores,
+              "log": log}
     save_checkpoint(out, vision=vision, decoder=decoder, fusion=fusion, text_config=text_config,
                     tokenizer=tokenizer, extra_config={"training": {k: report[k] for k in ("train_seconds", "eval")}})
     (out / "training_log.json").write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps({"train_seconds": report["train_seconds"], "eval": scores}, indent=2))
     return 0
+
+
+@contextlib.contextmanager
+def batch_stream(examples: Examples, args: argparse.Namespace, share: range,
+                 device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
+    """This worker's batches on ``device``: rendered between steps (its ``share`` of each),
+    or, with render processes, whole batches rendered ahead while the model trains."""
+    processes = args.render_processes
+    if processes is None:
+        processes = max(1, usable_cores() - 1) if device.type != "cpu" else 0
+    if not processes:
+        yield (tuple(tensor.to(device) for tensor in examples.batch(args.batch_size, share))
+               for _ in itertools.count())
+        return
+    if len(share) != args.batch_size:
+        raise SystemExit("--render-processes renders whole batches: use it with one worker")
+    pool = ProcessPoolExecutor(processes, mp_context=torch.multiprocessing.get_context("spawn"))
+    try:
+        yield examples.prefetched(args.batch_size, pool, device)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _sum_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:

@@ -8,6 +8,8 @@ profiler must name).
 
 from __future__ import annotations
 
+import argparse
+import json
 import random
 
 import pytest
@@ -251,3 +253,24 @@ def test_graphs_give_the_captions_of_eager_forwards(scenes):
     same = sum(a == b for a, b in zip(with_graphs, without, strict=True))
     print(f"captions identical with and without CUDA graphs: {same} of {len(images)}")
     assert same >= len(images) - 2, [(a, b) for a, b in zip(with_graphs, without, strict=True) if a != b]
+
+
+def test_train_demo_on_cuda_follows_the_cpu_run(tmp_path):
+    """The same seeded batches train the same model on the GPU (scenes rendered ahead by
+    other processes) as on the CPU (rendered in the loop), up to float rounding."""
+    from services.demo import train
+
+    def run(device: str, *extra: str) -> dict:
+        parser = argparse.ArgumentParser()
+        train.add_arguments(parser)
+        args = parser.parse_args(["--out", str(tmp_path / device), "--steps", "6", "--batch-size", "4",
+                                  "--warmup-steps", "1", "--eval-scenes", "4", "--no-compile", "--workers", "1",
+                                  "--device", device, *extra])
+        assert train.run(args) == 0
+        return json.loads((tmp_path / device / "training_log.json").read_text())
+
+    gpu, cpu = run("cuda", "--render-processes", "2"), run("cpu")
+    assert gpu["device"].startswith("cuda") and cpu["device"] == "cpu"
+    losses_gpu, losses_cpu = [e["loss"] for e in gpu["log"]], [e["loss"] for e in cpu["log"]]
+    assert len(losses_gpu) == len(losses_cpu) == 2
+    assert all(abs(a - b) <= 2e-2 * b for a, b in zip(losses_gpu, losses_cpu, strict=True)), (losses_gpu, losses_cpu)

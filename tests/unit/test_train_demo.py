@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import torch
@@ -19,7 +20,7 @@ def run_training(out: Path, *extra: str) -> dict:
     parser = argparse.ArgumentParser()
     train.add_arguments(parser)
     args = parser.parse_args(["--out", str(out), "--steps", "3", "--batch-size", "2", "--warmup-steps", "1",
-                              "--eval-scenes", "2", "--threads", "1", "--no-compile", *extra])
+                              "--eval-scenes", "2", "--threads", "1", "--no-compile", "--device", "cpu", *extra])
     assert train.run(args) == 0
     return json.loads((out / "training_log.json").read_text())
 
@@ -66,6 +67,22 @@ def test_a_worker_renders_only_its_share_of_the_stream(tmp_path: Path) -> None:
             length = len(row)
             assert torch.equal(row, expected[:length]) and torch.all(expected[length:] == row.new_tensor(
                 0 if tensor_index == 1 else train.IGNORE))
+
+
+def test_render_processes_give_the_same_batches_and_the_same_training(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    *_, tokenizer, _ = train.build_models(parser.parse_args(["--out", str(tmp_path)]), tmp_path)
+    inline = train.Examples(tokenizer, 224, 16, seed=3)
+    with ProcessPoolExecutor(2) as pool:
+        ahead = train.Examples(tokenizer, 224, 16, seed=3).prefetched(5, pool, torch.device("cpu"), ahead=2, chunk=2)
+        for _ in range(3):  # more batches than are rendered ahead
+            for got, expected in zip(next(ahead), inline.batch(5), strict=True):
+                assert torch.equal(got, expected)
+    rendered = run_training(tmp_path / "rendered", "--workers", "1", "--render-processes", "2")
+    in_loop = run_training(tmp_path / "in-loop", "--workers", "1", "--render-processes", "0")
+    assert [e["loss"] for e in rendered["log"]] == [e["loss"] for e in in_loop["log"]]
+    assert rendered["device"] == "cpu"
 
 
 def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_path: Path) -> None:
