@@ -341,6 +341,32 @@ def aiperf_crosscheck() -> list[str]:
             "not explained yet.", "", *rows, ""]
 
 
+def train_sweeps() -> list[str]:
+    """The runs of `bench/train_sweep.py` (files train-sweep-*), most accurate first."""
+    runs = []
+    for path in sorted(RESULTS.glob("train-sweep-*.json")):
+        result = json.loads(path.read_text())
+        for name, run in result["runs"].items():
+            if run.get("eval"):
+                runs.append((path.name, name, run))
+    if not runs:
+        return []
+    lines = ["## Training recipes, side by side (`bench/train_sweep.py`)", "",
+             "Each row is one `step37-serve train-demo` run (arguments in its file) evaluated on the same 500 "
+             "held-out scenes; the runs of a file trained at the same time on one machine, sharing its cores "
+             "and GPU, so their seconds compare only within a file. See `docs/training.md`.", "",
+             "| file | run | steps × batch | train s | exact match | shape | colour | size | position |",
+             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for file, name, run in sorted(runs, key=lambda item: -item[2]["eval"]["exact_match"]):
+        scores, words = run["eval"], run["command"].split()
+        steps = words[words.index("--steps") + 1] if "--steps" in words else "2220"
+        batch = words[words.index("--batch-size") + 1] if "--batch-size" in words else "48"
+        lines.append(f"| `{file}` | {name} | {steps} × {batch} | {run['train_seconds']:.0f} | "
+                     + " | ".join(f"{100 * scores[key]:.1f} %" for key in ("exact_match", "shape", "colour", "size",
+                                                                           "position")) + " |")
+    return [*lines, ""]
+
+
 def gpu() -> list[str]:
     """The runs of `bash bench/cuda_proof.sh` on a GPU machine (files ending in -cuda)."""
     evaluation = load("eval-demo-cuda")
@@ -359,7 +385,9 @@ def gpu() -> list[str]:
              "`bench/results/cuda-proof-h200-decode-graphs.log`): the decode-step, encoder and end-to-end runs on "
              "the tree of commit daa6cec (call 3), the GPU tests (with graphed-against-eager checks for all "
              "three), the evaluation and the LM worker run again on the tree of e51eb13, after a review's fixes "
-             "(call 4). Calls 1 and 2 are the runs with decode graphs only that README's history quotes.", ""]
+             "(call 4). Calls 1 and 2 are the runs with decode graphs only that README's history quotes. The "
+             "end-to-end run was made again on the tree of commit d3353ed, with the GPU tests and the training "
+             "sweeps (its file says 8e39cb1-dirty; log: `bench/results/cuda-proof-h200-train-sweep.log`).", ""]
     if evaluation is not None:
         served, local = evaluation["decoupled"], evaluation["in_process"]
         lines += ["## Bundled model on the GPU (bf16), through the decoupled services", "",
@@ -374,7 +402,7 @@ def gpu() -> list[str]:
         if result is not None:
             lines += {"insert": insert, "encoder": encoder, "decode_step": decode_step, "lm_worker": lm_worker,
                       "e2e": e2e}[name](result)
-    return lines
+    return lines + train_sweeps()
 
 
 def main() -> None:

@@ -199,6 +199,19 @@ def rgb_levels(image: Image.Image, size: int, *, field: str = "image") -> np.nda
 def normalise_levels(levels: torch.Tensor) -> torch.Tensor:
     """8-bit RGB levels ``[..., S, S, 3]`` (uint8) → CLIP-normalised float32 ``[..., 3, S, S]``
     on the levels' device: the values :func:`preprocess_image` gives, by the same table."""
+    if levels.device.type == "cpu":  # numpy's take: ~10x faster than torch's indexing here
+        source = levels.numpy()
+        images = source.reshape(-1, *source.shape[-3:])  # [n, S, S, 3]
+        out = np.empty((images.shape[0], 3, *images.shape[1:3]), dtype=np.float32)  # [n, 3, S, S]
+        for image, normalised in zip(images, out, strict=True):
+            for channel in range(3):
+                np.take(_LEVELS[channel], image[:, :, channel], out=normalised[channel], mode="clip")
+        return torch.from_numpy(out.reshape(*source.shape[:-3], *out.shape[1:]))
+    return _index_levels(levels)
+
+
+def _index_levels(levels: torch.Tensor) -> torch.Tensor:
+    """:func:`normalise_levels` by torch indexing, on any device."""
     table = torch.from_numpy(_LEVELS).to(levels.device)  # [3, 256]
     channel = torch.arange(3, device=levels.device).view(3, 1, 1)  # [3, 1, 1]
     return table[channel, levels.movedim(-1, -3).long()]  # [..., 3, S, S]

@@ -20,7 +20,14 @@ from encoder_server.errors import (
     QueueFull,
     ServerError,
 )
-from encoder_server.preprocess import ImageLimits, preprocess_batch, preprocess_image
+from encoder_server.preprocess import (
+    ImageLimits,
+    _index_levels,
+    normalise_levels,
+    preprocess_batch,
+    preprocess_image,
+    rgb_levels,
+)
 
 MEAN = (0.48145466, 0.4578275, 0.40821073)
 STD = (0.26862954, 0.26130258, 0.27577711)
@@ -214,6 +221,18 @@ def test_uint8_tensor_matches_bytes_path_and_float_is_close() -> None:
     assert torch.equal(preprocess_image(chw, SIZE), from_bytes)
     from_float = preprocess_image(chw.float() / 255, SIZE)
     torch.testing.assert_close(from_float, from_bytes, rtol=0, atol=1.01 / 255 / min(STD))
+
+
+def test_normalised_levels_are_the_values_of_preprocess_image() -> None:
+    # The training batches' path: rendered levels, normalised in a batch (numpy's table on
+    # the CPU, torch indexing on a GPU: both checked here, on the CPU).
+    levels = np.random.default_rng(7).integers(0, 256, (2, 3, SIZE, SIZE, 3)).astype(np.uint8)
+    expected = torch.stack([preprocess_image(Image.fromarray(image), SIZE) for image in levels.reshape(6, SIZE, SIZE, 3)])
+    batch = normalise_levels(torch.from_numpy(levels))
+    assert batch.shape == (2, 3, 3, SIZE, SIZE) and torch.equal(batch.reshape(6, 3, SIZE, SIZE), expected)
+    assert torch.equal(normalise_levels(torch.from_numpy(levels[0, 0])), expected[0])
+    assert rgb_levels(Image.fromarray(levels[0, 0]), SIZE).shape == (SIZE, SIZE, 3)
+    assert torch.equal(_index_levels(torch.from_numpy(levels)).reshape(6, 3, SIZE, SIZE), expected)  # GPU path
 
 
 def test_one_channel_tensor_is_grey() -> None:
