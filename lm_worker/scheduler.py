@@ -238,10 +238,13 @@ class Scheduler:
 
     def _advance(self, seq: ScheduledSequence, token: int) -> None:
         chunk = seq.output.append(token)
-        if chunk.finish_reason is None:
+        if chunk.finish_reason is not None:
+            self._finish(seq, chunk)
+        elif seq.request.stream:
             self._outbox.post(seq, StreamEvent(chunk.token_ids, chunk.text))
         else:
-            self._finish(seq, chunk)
+            seq.held_ids += chunk.token_ids
+            seq.held_text.append(chunk.text)
 
     def _answer_probes(self) -> None:
         for future, prompt_ids, images in self.inbox.take_probes():
@@ -277,8 +280,8 @@ class Scheduler:
         prompt, completion = len(seq.request.prompt_ids), len(seq.output.token_ids)
         reason = chunk.finish_reason or FINISH_ABORT
         self.observer.on_finish(reason, timings, prompt, completion)
-        self._outbox.post(seq, StreamEvent(chunk.token_ids, chunk.text, reason, prompt,
-                                           completion, timings))
+        self._outbox.post(seq, StreamEvent([*seq.held_ids, *chunk.token_ids], "".join([*seq.held_text, chunk.text]),
+                                           reason, prompt, completion, timings))
 
     def _fail(self, seq: ScheduledSequence, exc: Exception) -> None:
         self._release(seq)

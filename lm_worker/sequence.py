@@ -44,7 +44,9 @@ class SequenceRequest:
     ``images`` hold validated features, one ``ImageForInsert`` per start-token kind.
     ``arrival_s`` is ``time.perf_counter()`` when the request arrived, so queue time
     and time to first token include parsing; ``timings`` holds stages measured before
-    scheduling (``preprocess_ms``).
+    scheduling (``preprocess_ms``). Without ``stream`` the engine holds the tokens and
+    sends them with the final event: one hand-off to the caller's event loop per request
+    instead of one per step.
     """
 
     request_id: str
@@ -53,6 +55,7 @@ class SequenceRequest:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     arrival_s: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
+    stream: bool = True
 
 
 @dataclass(frozen=True)
@@ -89,6 +92,8 @@ class ScheduledSequence:
     admitted_s: float | None = None
     first_token_s: float | None = None
     prefill_s: float = 0.0
+    held_ids: list[int] = field(default_factory=list)  # tokens not yet sent (a request that does not stream)
+    held_text: list[str] = field(default_factory=list)
 
     def timings(self, now: float) -> dict[str, float]:
         """Per-stage milliseconds: queue, prefill, decode, time to first token, total.

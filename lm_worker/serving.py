@@ -90,6 +90,7 @@ class LMWorkerService:
 
     async def generate(self, sequence: SequenceRequest) -> GenerateResponse:
         """The whole response; cancelling the awaiting task cancels the sequence."""
+        sequence.stream = False  # the tokens come back together, with the final event
         return await self.submit(sequence).collect()
 
     async def open_stream(self, sequence: SequenceRequest) -> GenerationStream:

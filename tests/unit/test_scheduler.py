@@ -301,6 +301,25 @@ async def test_final_event_carries_usage_and_timings(model: Model) -> None:
 
 
 @pytest.mark.anyio
+async def test_a_request_that_does_not_stream_gets_one_event_with_every_token(model: Model) -> None:
+    scheduler = make_scheduler(model)
+    streamed, held = make_request(model, 3, max_new_tokens=7), make_request(model, 3, max_new_tokens=7)
+    held.stream = False
+    streams = [scheduler.submit(streamed), scheduler.submit(held)]
+    events: list[list] = [[], []]
+
+    async def read(index: int) -> None:
+        async for event in streams[index]:
+            events[index].append(event)
+
+    await drive(scheduler, [asyncio.ensure_future(read(0)), asyncio.ensure_future(read(1))])
+    assert len(events[0]) > 1 and len(events[1]) == 1 and events[1][0].is_final
+    assert events[1][0].token_ids == [t for e in events[0] for t in e.token_ids] == reference_greedy(model, held)
+    assert events[1][0].text == "".join(e.text for e in events[0])
+    assert events[1][0].completion_tokens == events[0][-1].completion_tokens == 7
+
+
+@pytest.mark.anyio
 async def test_context_length_is_checked_at_submit(model: Model) -> None:
     scheduler = make_scheduler(model)
     request = make_request(model, 0, max_new_tokens=128)
