@@ -6,10 +6,14 @@ comes from a result file, with its git revision and machine).
 
 from __future__ import annotations
 
+import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+sys.path.insert(0, str(RESULTS.parent.parent))
 
 
 def load(name: str) -> dict | None:
@@ -341,6 +345,18 @@ def aiperf_crosscheck() -> list[str]:
             "not explained yet.", "", *rows, ""]
 
 
+def train_run_args(run: dict) -> dict:
+    """A sweep run's train-demo arguments: as recorded, or parsed from its command line."""
+    if run.get("args"):
+        return run["args"]
+    from services.demo.train import add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    words = shlex.split(run["command"])
+    return vars(parser.parse_args(words[words.index("train-demo") + 1 :]))
+
+
 def train_sweeps() -> list[str]:
     """The runs of `bench/train_sweep.py` (files train-sweep-*), most accurate first."""
     runs = []
@@ -348,20 +364,20 @@ def train_sweeps() -> list[str]:
         result = json.loads(path.read_text())
         for name, run in result["runs"].items():
             if run.get("eval"):
-                runs.append((path.name, name, run))
+                runs.append((path.name, result, name, run))
     if not runs:
         return []
-    lines = ["## Training recipes, side by side (`bench/train_sweep.py`)", "",
+    lines = ["# Training recipes, side by side (`bench/train_sweep.py`)", "",
              "Each row is one `step37-serve train-demo` run (arguments in its file) evaluated on the same 500 "
              "held-out scenes; the runs of a file trained at the same time on one machine, sharing its cores "
-             "and GPU, so their seconds compare only within a file. See `docs/training.md`.", "",
-             "| file | run | steps × batch | train s | exact match | shape | colour | size | position |",
-             "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
-    for file, name, run in sorted(runs, key=lambda item: -item[2]["eval"]["exact_match"]):
-        scores, words = run["eval"], run["command"].split()
-        steps = words[words.index("--steps") + 1] if "--steps" in words else "2220"
-        batch = words[words.index("--batch-size") + 1] if "--batch-size" in words else "48"
-        lines.append(f"| `{file}` | {name} | {steps} × {batch} | {run['train_seconds']:.0f} | "
+             "(and GPU), so their seconds compare only within a file. See `docs/training.md`.", "",
+             "| file | machine | run | steps × batch | train s | exact match | shape | colour | size | position |",
+             "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for file, result, name, run in sorted(runs, key=lambda item: -item[3]["eval"]["exact_match"]):
+        scores, settings = run["eval"], train_run_args(run)
+        machine = result["machine"].get("cuda") or result["machine"].get("cpu_model", "CPU")
+        lines.append(f"| `{file}` | {machine} | {name} | {settings['steps']} × {settings['batch_size']} | "
+                     f"{run['train_seconds']:.0f} | "
                      + " | ".join(f"{100 * scores[key]:.1f} %" for key in ("exact_match", "shape", "colour", "size",
                                                                            "position")) + " |")
     return [*lines, ""]
@@ -402,7 +418,7 @@ def gpu() -> list[str]:
         if result is not None:
             lines += {"insert": insert, "encoder": encoder, "decode_step": decode_step, "lm_worker": lm_worker,
                       "e2e": e2e}[name](result)
-    return lines + train_sweeps()
+    return lines
 
 
 def main() -> None:
@@ -421,6 +437,7 @@ def main() -> None:
     lines += loadtest_cost()
     lines += aiperf_crosscheck()
     lines += gpu()
+    lines += train_sweeps()
     print("\n".join(lines))
 
 

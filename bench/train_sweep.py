@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -36,6 +37,34 @@ def parse_run(text: str) -> tuple[str, list[str]]:
     return name, shlex.split(extra)
 
 
+def stop(process: subprocess.Popen) -> int:
+    """Interrupt a run and its render processes (SIGINT, then SIGKILL); its exit code."""
+    for sig, grace in ((signal.SIGINT, 20.0), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            return process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+    return process.wait()
+
+
+def outcome(name: str, code: int, out: Path, command: list[str], logs: Path, started: float) -> dict:
+    """One run's record: what it ran, how it ended, its training log (partial if it was stopped)."""
+    report_path = out / "training_log.json"
+    report = json.loads(report_path.read_text()) if report_path.exists() else {}
+    result = {"command": shlex.join(command[2:]), "exit_code": code, "wall_s": round(time.perf_counter() - started, 1),
+              **{key: report.get(key) for key in ("finished", "train_seconds", "device", "args", "eval", "log")}}
+    if code:
+        result["log_tail"] = (logs / f"{name}.log").read_text()[-2000:]
+    scores = result["eval"] or {}
+    print(f"{name:<24} exit {code}  train {result['train_seconds']} s  exact {scores.get('exact_match')}  "
+          f"shape {scores.get('shape')}", flush=True)
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--name", required=True, help="results file: bench/results/train-sweep-NAME-{cpu,cuda}.json")
@@ -51,39 +80,41 @@ def main() -> None:
     renderers = max(1, (usable_cores() + len(args.run)) // len(args.run) - 1)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     results: dict[str, dict] = {}
+    interrupted = False
     with tempfile.TemporaryDirectory(prefix="train-sweep-") as tmp:
-        processes = {}
+        runs: dict[str, tuple[subprocess.Popen, Path, list[str]]] = {}
         started = time.perf_counter()
-        for name, extra in args.run:
-            out = Path(tmp) / name
-            command = [sys.executable, "-m", "services.cli", "train-demo", "--out", str(out), "--device", args.device,
-                       "--render-processes", str(renderers), "--workers", "1", "--threads", "1",
-                       "--eval-scenes", str(args.eval_scenes), *extra]
-            log = open(Path(tmp) / f"{name}.log", "w")  # closed with its process, below
-            processes[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), log, out,
-                               command)
-        for name, (process, log, out, command) in processes.items():
-            try:
-                code = process.wait(timeout=max(1.0, args.timeout_s - (time.perf_counter() - started)))
-            except subprocess.TimeoutExpired:
-                process.kill()
-                code = process.wait()
-            log.close()
-            report_path = out / "training_log.json"
-            report = json.loads(report_path.read_text()) if report_path.exists() else {}
-            results[name] = {"command": shlex.join(command[2:]), "exit_code": code,
-                             "wall_s": round(time.perf_counter() - started, 1),
-                             **{key: report.get(key) for key in ("finished", "train_seconds", "device", "eval", "log")}}
-            if code:
-                results[name]["log_tail"] = (Path(tmp) / f"{name}.log").read_text()[-2000:]
-            evaluated = results[name]["eval"] or {}
-            print(f"{name:<20} exit {code}  train {results[name]['train_seconds']} s  "
-                  f"exact {evaluated.get('exact_match')}  shape {evaluated.get('shape')}", flush=True)
-    path = write_result(f"train-sweep-{args.name}", {"config": {"device": args.device, "render_processes": renderers,
+        try:
+            for name, extra in args.run:
+                out = Path(tmp) / name
+                defaults = [] if "--render-processes" in extra else ["--render-processes", str(renderers)]
+                command = [sys.executable, "-m", "services.cli", "train-demo", "--out", str(out), "--device",
+                           args.device, *defaults, "--workers", "1", "--threads", "1",
+                           "--eval-scenes", str(args.eval_scenes), *extra]
+                with open(Path(tmp) / f"{name}.log", "w") as log:  # the child keeps its own descriptor
+                    # Its own session: stopping a run stops its render processes too.
+                    runs[name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env,
+                                                   start_new_session=True), out, command)
+            for name, (process, out, command) in runs.items():
+                try:
+                    code = process.wait(timeout=max(1.0, args.timeout_s - (time.perf_counter() - started)))
+                except subprocess.TimeoutExpired:
+                    code = stop(process)
+                results[name] = outcome(name, code, out, command, Path(tmp), started)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:  # interrupted, or a run failed to start: stop the others, keep what finished
+            for name, (process, out, command) in runs.items():
+                if name not in results:
+                    results[name] = outcome(name, stop(process), out, command, Path(tmp), started)
+    path = write_result(f"train-sweep-{args.name}", {"config": {"device": args.device,
+                                                               "default_render_processes": renderers,
                                                                "eval_scenes": args.eval_scenes},
                                                     "runs": results}, device=args.device if args.device != "auto"
                         else None)
     print(f"wrote {path}")
+    if interrupted:
+        raise SystemExit("interrupted: the runs not finished are recorded as stopped")
 
 
 if __name__ == "__main__":

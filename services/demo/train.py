@@ -21,6 +21,7 @@ import math
 import os
 import random
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Executor, ProcessPoolExecutor
@@ -85,9 +86,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="data-parallel training processes, each drawing and training on its share of every "
                              "batch (0: one per CPU core the process may use, at most --batch-size); the batches "
                              "are the same for any number, the weights up to float rounding")
-    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
                         help="torch.compile the tower and the decoder for training (~6 %% faster steps on two CPU cores, "
-                             "compiling included); falls back to eager mode if compiling fails")
+                             "compiling included); falls back to eager mode if compiling fails. Default: on the CPU "
+                             "only")
     parser.add_argument("--device", default="auto",
                         help="cpu, cuda, or auto (cuda when there is a GPU); on a GPU one process trains in float32 "
                              "while --render-processes draw the scenes")
@@ -129,14 +131,16 @@ class Examples:
         """The next ``size`` examples of the stream: each one's scene seed and prompt ids."""
         return [(self.rng.getrandbits(63), self.prompt_ids()) for _ in range(size)]
 
-    def batch(self, size: int, part: range | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def batch(self, size: int, part: range | None = None,
+              device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """The next ``size`` examples of the stream, of which only those in ``part`` (all by
-        default) are rendered and returned: a worker draws every example's seed and prompt,
-        so that all workers walk the same stream, and renders only its own share."""
+        default) are rendered and returned, on ``device`` (the CPU by default): a worker draws
+        every example's seed and prompt, so that all workers walk the same stream, and renders
+        only its own share."""
         part = range(size) if part is None else part
         drawn = [example for index, example in enumerate(self.draw(size)) if index in part]
         levels, captions = render_examples([seed for seed, _ in drawn], self.image_size)
-        return self.assemble([prompt for _, prompt in drawn], torch.from_numpy(levels), captions)
+        return self.assemble([prompt for _, prompt in drawn], torch.from_numpy(levels).to(device), captions)
 
     def assemble(self, prompts: Sequence[list[int]], levels: torch.Tensor,
                  captions: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -257,13 +261,38 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def training_device(args: argparse.Namespace) -> torch.device:
+    """The device of ``--device``: the CPU or a CUDA device that is there."""
+    try:
+        device = resolve_device(None if args.device == "auto" else args.device)
+    except RuntimeError as exc:
+        raise SystemExit(f"--device {args.device}: {exc}") from exc
+    if device.type == "cuda" and (device.index or 0) < torch.cuda.device_count():
+        return device
+    if device.type == "cpu":
+        return device
+    raise SystemExit(f"--device {args.device}: not a CUDA device here; use cpu, cuda or cuda:N "
+                     f"(this machine has {torch.cuda.device_count()})")
+
+
+def render_processes(args: argparse.Namespace, device: torch.device) -> int:
+    """``--render-processes``, or its default: on a GPU the usable cores but one, on the CPU none."""
+    if args.render_processes is None:
+        return max(1, usable_cores() - 1) if device.type != "cpu" else 0
+    if args.render_processes < 0:
+        raise SystemExit(f"--render-processes must be >= 0, got {args.render_processes}")
+    return args.render_processes
+
+
 def worker_layout(args: argparse.Namespace) -> tuple[int, int]:
-    """(workers, torch threads per worker) for ``--workers`` and ``--threads``."""
+    """(workers, torch threads per worker) for ``--workers``, ``--threads`` and ``--device``:
+    render processes draw whole batches for one trainer, so they take one worker."""
     cores = usable_cores()
-    if resolve_device(None if args.device == "auto" else args.device).type != "cpu":
+    device = training_device(args)
+    if device.type != "cpu" or render_processes(args, device):
         if args.workers > 1:
-            raise SystemExit("--workers is for training on the CPU: on a GPU one process trains and "
-                             "--render-processes draw the scenes")
+            raise SystemExit("--workers is for training on the CPU with each worker drawing its share; "
+                             "on a GPU, or with --render-processes, one process trains")
         return 1, args.threads or 1
     workers = args.workers or min(cores, args.batch_size)
     if not 1 <= workers <= args.batch_size:
@@ -319,7 +348,7 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
     single process's up to the order of float additions."""
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = resolve_device(None if args.device == "auto" else args.device)
+    device = training_device(args)
     with tempfile.TemporaryDirectory(prefix="train-demo-") as scratch:  # only worker 0 writes to --out
         vision, decoder, fusion, tokenizer, text_config = build_models(args, out if rank == 0 else Path(scratch))
     for module in (vision, decoder, fusion):  # built (and seeded) on the CPU: the same start on any device
@@ -337,7 +366,8 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
 
     eager_loss = functools.partial(loss_sum, vision, decoder)
     step_loss = eager_loss
-    if args.compile:  # the decoder sees a new padded length every batch: compile it for dynamic shapes
+    compile_models = device.type == "cpu" if args.compile is None else args.compile
+    if compile_models:  # the decoder sees a new padded length every batch: compile it for dynamic shapes
         step_loss = functools.partial(loss_sum, torch.compile(vision), torch.compile(decoder, dynamic=True))
 
     log: list[dict[str, float]] = []
@@ -400,20 +430,28 @@ def batch_stream(examples: Examples, args: argparse.Namespace, share: range,
                  device: torch.device) -> Iterator[Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]]:
     """This worker's batches on ``device``: rendered between steps (its ``share`` of each),
     or, with render processes, whole batches rendered ahead while the model trains."""
-    processes = args.render_processes
-    if processes is None:
-        processes = max(1, usable_cores() - 1) if device.type != "cpu" else 0
+    processes = render_processes(args, device)
     if not processes:
-        yield (tuple(tensor.to(device) for tensor in examples.batch(args.batch_size, share))
-               for _ in itertools.count())
+        yield (examples.batch(args.batch_size, share, device) for _ in itertools.count())
         return
-    if len(share) != args.batch_size:
-        raise SystemExit("--render-processes renders whole batches: use it with one worker")
-    pool = ProcessPoolExecutor(processes, mp_context=torch.multiprocessing.get_context("spawn"))
+    pool = ProcessPoolExecutor(processes, mp_context=torch.multiprocessing.get_context("spawn"),
+                               initializer=_exit_with_parent, initargs=(os.getpid(),))
     try:
         yield examples.prefetched(args.batch_size, pool, device)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """In a render process: exit once the trainer is gone (killed, say), rather than wait
+    on its job queue for ever."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def _sum_gradients(params: list[torch.nn.Parameter], loss: torch.Tensor) -> torch.Tensor:

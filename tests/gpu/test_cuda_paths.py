@@ -256,9 +256,21 @@ def test_graphs_give_the_captions_of_eager_forwards(scenes):
 
 
 def test_train_demo_on_cuda_follows_the_cpu_run(tmp_path):
-    """The same seeded batches train the same model on the GPU (scenes rendered ahead by
-    other processes) as on the CPU (rendered in the loop), up to float rounding."""
+    """The GPU trains on the very batches the CPU does (scenes rendered ahead by other
+    processes, normalised on the GPU), and so follows the CPU's losses up to float rounding."""
+    from concurrent.futures import ProcessPoolExecutor
+
     from services.demo import train
+
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    *_, tokenizer, _ = train.build_models(parser.parse_args(["--out", str(tmp_path / "tok")]), tmp_path / "tok")
+    on_cpu = train.Examples(tokenizer, 224, 16, seed=3)
+    with ProcessPoolExecutor(2) as pool:
+        ahead = train.Examples(tokenizer, 224, 16, seed=3).prefetched(5, pool, CUDA, ahead=2, chunk=2)
+        for _ in range(3):
+            for got, expected in zip(next(ahead), on_cpu.batch(5), strict=True):
+                assert got.device.type == "cuda" and torch.equal(got.cpu(), expected)
 
     def run(device: str, *extra: str) -> dict:
         parser = argparse.ArgumentParser()

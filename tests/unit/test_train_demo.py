@@ -8,6 +8,7 @@ import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -83,6 +84,19 @@ def test_render_processes_give_the_same_batches_and_the_same_training(tmp_path: 
     in_loop = run_training(tmp_path / "in-loop", "--workers", "1", "--render-processes", "0")
     assert [e["loss"] for e in rendered["log"]] == [e["loss"] for e in in_loop["log"]]
     assert rendered["device"] == "cpu"
+
+
+def test_a_device_that_is_not_there_is_a_clear_error(tmp_path: Path) -> None:
+    parser = argparse.ArgumentParser()
+    train.add_arguments(parser)
+    for extra, message in ((["--device", "nonsense"], "--device nonsense:"),
+                           (["--render-processes", "-1", "--device", "cpu"], "--render-processes must be >= 0"),
+                           (["--render-processes", "1", "--workers", "2", "--device", "cpu"], "one process trains"),
+                           (["--device", "cuda:64"], "not a CUDA device here"),
+                           *([(["--device", "cuda"], "not a CUDA device here")] if not torch.cuda.is_available()
+                             else [])):
+        with pytest.raises(SystemExit, match=message):
+            train.run(parser.parse_args(["--out", str(tmp_path), *extra]))
 
 
 def test_the_vision_learning_rate_scale_applies_to_the_tower_and_projector(tmp_path: Path) -> None:
