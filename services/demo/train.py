@@ -397,9 +397,10 @@ def _train_loop(rank: int, workers: int, args: argparse.Namespace, distributed: 
                 loss = _sum_gradients(params, loss.detach())
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if step % 10 == 0 or step == args.steps - 1:
-                log.append({"step": step, "loss": round(loss.item(), 5), "lr": learning_rate(step, args),
+            if step % 10 == 0 or step == args.steps - 1:  # reading the loss waits for the step (on a GPU)
+                value = loss.item()
+                progress.set_postfix(loss=f"{value:.4f}")
+                log.append({"step": step, "loss": round(value, 5), "lr": learning_rate(step, args),
                             "elapsed_s": round(time.perf_counter() - started, 1)})
             if rank == 0 and step % 100 == 0:  # a run stopped early still leaves its loss curve
                 partial = {"finished": False, "workers": workers, "args": vars(args), "log": log}
