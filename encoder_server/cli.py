@@ -16,6 +16,7 @@ from encoder_server.app import create_app
 from encoder_server.model import CheckpointError
 from encoder_server.serving import EncoderService, EncoderSettings
 from services.common.auth import InternalTokenMiddleware
+from services.common.rpc import RpcListen
 from services.common.server import serve, setup_logging
 from services.common.settings import add_setting
 
@@ -45,6 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     server = parser.add_argument_group("server")
     add_setting(server, "--host", default="127.0.0.1", help="interface to bind")
     add_setting(server, "--port", default=8001, type=int, help="TCP port")
+    add_setting(server, "--rpc-port", default=0, type=int, help="port of the gateway's call channel, on the "
+                "same interface (0: any free port, reported in /ready; -1: off, HTTP only)")
     add_setting(server, "--log-level", default="info", help="debug, info, warning, error")
     add_setting(server, "--internal-token", default=None, secret=True, help="require this shared secret in the "
                 "x-internal-token header (health, readiness and metrics stay open)")
@@ -87,7 +90,8 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, OSError) as exc:
         logger.error("cannot start the encoder: %s", exc)
         return 2
-    app = create_app(service)
+    rpc = RpcListen(args.host, args.rpc_port, args.internal_token) if args.rpc_port >= 0 else None
+    app = create_app(service, rpc=rpc)
     if args.internal_token:
         app = InternalTokenMiddleware(app, args.internal_token)
     serve(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -131,7 +131,8 @@ class EncoderMetrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry if registry is not None else new_registry()
         self.statistics = InferenceStatistics()
-        self.requests = Counter("step37_encoder_requests", "HTTP requests by route and status code",
+        self.requests = Counter("step37_encoder_requests",
+                                "Requests by route (rpc:METHOD for the call channel) and status code",
                                 ["route", "code"], registry=self.registry)
         self.errors = Counter("step37_encoder_errors", "Errors answered, by kind", ["kind"],
                               registry=self.registry)
@@ -143,7 +144,7 @@ class EncoderMetrics:
         self.stage_seconds = Histogram("step37_encoder_stage_seconds", "Per-request time in each stage",
                                        ["stage"], buckets=LATENCY_BUCKETS_S, registry=self.registry)
         self.request_seconds = Histogram("step37_encoder_request_seconds",
-                                         "HTTP request latency by route", ["route"],
+                                         "Request latency by route (rpc:METHOD for the call channel)", ["route"],
                                          buckets=LATENCY_BUCKETS_S, registry=self.registry)
 
     def track_queue_depth(self, depth: Callable[[], float]) -> None:

@@ -64,10 +64,15 @@ async def health() -> dict[str, str]:
 
 
 @router.get("/ready")
-async def ready(service: Service) -> dict[str, str]:
-    """Readiness: a tiny forward passes through the batcher (503 otherwise)."""
+async def ready(request: Request, service: Service) -> dict[str, str | int]:
+    """Readiness: a tiny forward passes through the batcher (503 otherwise). ``rpc_port``:
+    where ``encode`` calls are served too, when they are."""
     await service.check_ready()
-    return {"status": "ready", "model": service.name}
+    body: dict[str, str | int] = {"status": "ready", "model": service.name}
+    rpc_port = getattr(request.app.state, "rpc_port", None)
+    if rpc_port is not None:
+        body["rpc_port"] = rpc_port
+    return body
 
 
 @router.get("/metrics")

@@ -17,6 +17,7 @@ import torch
 from lm_worker.app import create_app
 from lm_worker.model import DecoderConfig
 from lm_worker.settings import DTYPES, LMWorkerSettings
+from services.common.rpc import RpcListen
 from services.common.server import serve, setup_logging
 from services.common.settings import add_setting
 
@@ -42,6 +43,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--seed", default=_default("seed"), type=int, help="seed of --preset weights")
     add_setting(parser, "--host", default="127.0.0.1", help="address to bind")
     add_setting(parser, "--port", default=8002, type=int, help="port to bind")
+    add_setting(parser, "--rpc-port", default=0, type=int, help="port of the gateway's call channel, on the "
+                "same address (0: any free port, reported in /ready; -1: off, HTTP only)")
     add_setting(parser, "--device", default=_default("device"), help="auto, cpu, cuda or cuda:N")
     add_setting(parser, "--torch-threads", default=0, type=int,
                 help="intra-op threads (0: torch's default); on small CPUs leave cores to the other services")
@@ -77,5 +80,6 @@ def run(args: argparse.Namespace) -> int:
         settings = LMWorkerSettings.from_args(args)
     except ValueError as exc:
         raise SystemExit(f"step37-serve lm-worker: {exc}") from exc
-    serve(create_app(settings), host=args.host, port=args.port, log_level=args.log_level)
+    rpc = RpcListen(args.host, args.rpc_port, settings.internal_token) if args.rpc_port >= 0 else None
+    serve(create_app(settings, rpc=rpc), host=args.host, port=args.port, log_level=args.log_level)
     return 0

@@ -43,6 +43,7 @@ class ReadyResponse(BaseModel):
     waiting: int
     free_slots: int
     reason: str | None = None
+    rpc_port: int | None = None  # where non-streaming generates are served as calls too
 
 
 class TokenChunkEvent(BaseModel):

@@ -65,12 +65,13 @@ def create_router(service: LMWorkerService) -> APIRouter:
         return HealthResponse()
 
     @router.get("/ready", response_model=ReadyResponse)
-    async def ready() -> JSONResponse:
+    async def ready(request: Request) -> JSONResponse:
         ok, reason = await service.ready()
         scheduler = service.scheduler
         body = ReadyResponse(status="ready" if ok else "not_ready", model=service.model_name,
                              running=scheduler.num_running, waiting=scheduler.num_waiting,
-                             free_slots=scheduler.backend.num_free_slots, reason=reason)
+                             free_slots=scheduler.backend.num_free_slots, reason=reason,
+                             rpc_port=getattr(request.app.state, "rpc_port", None))
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
     @router.get("/metrics")

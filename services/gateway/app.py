@@ -21,6 +21,7 @@ from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from services.common.auth import INTERNAL_TOKEN_HEADER
+from services.common.rpc import RpcClient
 from services.common.transport import AiohttpTransport, LeanClient
 from services.gateway.auth import ApiKeyAuth
 from services.gateway.cache import FeatureCache
@@ -66,6 +67,7 @@ class GatewayState:
     encoder_pool: EndpointPool
     lm_pool: EndpointPool
     clients: dict[str, httpx.AsyncClient]
+    rpc: RpcClient | None
     pipeline: Pipeline
     chat: ChatService
     captions: CaptionService
@@ -81,6 +83,8 @@ class GatewayState:
     async def aclose(self) -> None:
         for client in self.clients.values():
             await client.aclose()
+        if self.rpc is not None:
+            await self.rpc.aclose()
 
 
 def _client(transport: httpx.AsyncBaseTransport | None, settings: GatewaySettings, *,
@@ -110,25 +114,33 @@ def build_state(settings: GatewaySettings, transports: Transports | None = None)
     transports = transports or Transports()
     metrics = GatewayMetrics()
     encoder_transport = _encoder_transport(settings)
+    # The call channel, where the tiers offer one: not for a KServe encoder, nor for
+    # downstreams swapped for test fakes (they have no port to call).
+    rpc = RpcClient(token=settings.internal_token, connect_timeout_s=settings.connect_timeout_s) \
+        if settings.internal_transport == "auto" else None
+    encoder_rpc = rpc is not None and transports.encoder is None and isinstance(encoder_transport,
+                                                                                 NativeEncoderTransport)
+    lm_rpc = rpc is not None and transports.lm is None
     encoder_pool = EndpointPool("encoder", settings.encoder_urls, ready_path=encoder_transport.ready_path,
                                 eject_after_failures=settings.eject_after_failures,
-                                probe_timeout_s=settings.connect_timeout_s)
+                                probe_timeout_s=settings.connect_timeout_s, rpc=rpc if encoder_rpc else None)
     lm_pool = EndpointPool("lm", settings.lm_urls, eject_after_failures=settings.eject_after_failures,
-                           probe_timeout_s=settings.connect_timeout_s)
+                           probe_timeout_s=settings.connect_timeout_s, rpc=rpc if lm_rpc else None)
     clients = {name: _client(getattr(transports, name), settings, internal=name != "fetch")
                for name in ("encoder", "lm", "fetch")}
     cache = FeatureCache(settings.cache_bytes)
     metrics.watch(cache, [encoder_pool, lm_pool])
     encoder = EncoderClient(encoder_pool, clients["encoder"], encoder_transport, attempts=settings.encoder_attempts,
                             timeout_s=settings.encoder_timeout_s, connect_timeout_s=settings.connect_timeout_s,
-                            on_error=metrics.upstream_error)
+                            on_error=metrics.upstream_error, rpc=rpc if encoder_rpc else None)
     lm = LMClient(lm_pool, clients["lm"], timeout_s=settings.lm_timeout_s,
-                  connect_timeout_s=settings.connect_timeout_s, on_error=metrics.upstream_error)
+                  connect_timeout_s=settings.connect_timeout_s, on_error=metrics.upstream_error,
+                  rpc=rpc if lm_rpc else None)
     fetcher = ImageFetcher(clients["fetch"], settings.allowed_url_hosts, max_bytes=settings.max_image_bytes,
                            timeout_s=settings.fetch_timeout_s)
     pipeline = Pipeline(settings, encoder=encoder, lm=lm, cache=cache, fetcher=fetcher, metrics=metrics)
     return GatewayState(settings=settings, metrics=metrics, auth=ApiKeyAuth(settings.api_key), cache=cache,
-                        encoder_pool=encoder_pool, lm_pool=lm_pool, clients=clients, pipeline=pipeline,
+                        encoder_pool=encoder_pool, lm_pool=lm_pool, clients=clients, rpc=rpc, pipeline=pipeline,
                         chat=ChatService(pipeline), captions=CaptionService(pipeline))
 
 

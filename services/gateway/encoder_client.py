@@ -4,7 +4,8 @@
 
 * :class:`NativeEncoderTransport` — ``POST /v1/encode`` with a msgpack
   ``EncodeRequest``; the answer is an ``EncodeResponse`` (features in any dtype, bf16
-  by default, plus the insert token and RoPE metadata).
+  by default, plus the insert token and RoPE metadata). The same messages go over an
+  endpoint's call channel (``services.common.rpc``) when it has one.
 * ``KServeEncoderTransport`` (``encoder_kserve``) — KServe v2 ``infer``, so the tier
   can be a real Triton Inference Server.
 
@@ -25,9 +26,15 @@ import httpx
 
 import proto
 from proto import EncodeRequest, EncodeResponse, ImageForInsert
+from services.common.rpc import RpcClient, RpcError, RpcUnavailable
 from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from services.gateway.pool import Endpoint, EndpointPool
-from services.gateway.upstream import error_from_exception, error_from_status, read_bounded
+from services.gateway.upstream import (
+    error_from_exception,
+    error_from_rpc,
+    error_from_status,
+    read_bounded,
+)
 
 __all__ = ["EncodeResult", "EncoderClient", "EncoderTransport", "NativeEncoderTransport"]
 
@@ -79,6 +86,21 @@ class NativeEncoderTransport:
                 await response.aclose()
         except httpx.HTTPError as exc:
             raise error_from_exception(SERVICE, exc, idempotent=True) from exc
+        return self._result(data)
+
+    async def encode_rpc(self, rpc: RpcClient, address: tuple[str, int], images: Sequence[bytes], *,
+                         request_id: str) -> EncodeResult:
+        """The same encode as one call; ``RpcUnavailable`` passes through (the caller falls back)."""
+        request = EncodeRequest(images=list(images), output_dtype=self.output_dtype, request_id=request_id)
+        try:
+            data = await rpc.call(address, "encode", proto.encode_chunks(request))
+        except RpcUnavailable:
+            raise
+        except RpcError as exc:
+            raise error_from_rpc(SERVICE, exc, idempotent=True) from exc
+        return self._result(data)
+
+    def _result(self, data: bytes) -> EncodeResult:
         try:
             message = proto.decode(data, expect=EncodeResponse, limits=self.limits)
         except proto.ProtocolError as exc:
@@ -92,10 +114,12 @@ class EncoderClient:
 
     def __init__(self, pool: EndpointPool, client: httpx.AsyncClient, transport: EncoderTransport, *,
                  attempts: int = 2, timeout_s: float = 60.0, connect_timeout_s: float = 5.0,
-                 on_error: Callable[[str, GatewayError], None] | None = None) -> None:
+                 on_error: Callable[[str, GatewayError], None] | None = None, rpc: RpcClient | None = None) -> None:
         self.pool = pool
         self.client = client
         self.transport = transport
+        # Calls go over an endpoint's call channel when it has one and the transport speaks it.
+        self.rpc = rpc if isinstance(transport, NativeEncoderTransport) else None
         self.attempts = attempts
         self.timeout_s = timeout_s
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -138,13 +162,22 @@ class EncoderClient:
             return result
         raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
+    async def _call(self, endpoint: Endpoint, images: Sequence[bytes], request_id: str) -> EncodeResult:
+        address = endpoint.rpc_address if self.rpc is not None else None
+        if address is not None:
+            try:
+                return await self.transport.encode_rpc(self.rpc, address, images,  # type: ignore[attr-defined]
+                                                       request_id=request_id)
+            except RpcUnavailable as exc:  # nothing was sent: the same endpoint over HTTP
+                endpoint.rpc_failed(str(exc))
+        return await self.transport.encode(self.client, endpoint.url, images, request_id=request_id,
+                                           timeout=self.timeout)
+
     async def _attempt(self, endpoint: Endpoint, images: Sequence[bytes], request_id: str) -> EncodeResult:
         # httpx bounds each read and write; this bounds the whole call, so an endpoint
         # that dribbles its answer out cannot hold a request past the timeout either.
         try:
-            return await asyncio.wait_for(
-                self.transport.encode(self.client, endpoint.url, images, request_id=request_id,
-                                      timeout=self.timeout), self.timeout_s)
+            return await asyncio.wait_for(self._call(endpoint, images, request_id), self.timeout_s)
         except asyncio.TimeoutError:
             raise UpstreamTimeout(f"the encoder did not answer within {self.timeout_s:g} s",
                                   endpoint_fault=True) from None

@@ -5,7 +5,9 @@ request moves to another endpoint only when the first provably did nothing: the
 connection was refused, or the worker answered "busy" (503) before starting. Once a
 stream is open nothing is retried — the client may already hold tokens. Closing an
 :class:`LMStream` closes the HTTP response, which the worker sees as a disconnect and
-answers by freeing the sequence's KV-cache slot.
+answers by freeing the sequence's KV-cache slot. A non-streaming generate goes over
+the endpoint's call channel (``services.common.rpc``) when it has one; cancelling
+that call frees the slot the same way.
 """
 
 from __future__ import annotations
@@ -13,25 +15,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 import proto
 from proto import GenerateRequest, GenerateResponse
 from proto.messages import FINISH_REASONS
+from services.common.rpc import RpcClient, RpcError, RpcUnavailable
 from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from services.gateway.pool import Endpoint, EndpointPool
 from services.gateway.sse import iter_events
-from services.gateway.upstream import error_from_exception, error_from_status, read_bounded
+from services.gateway.upstream import (
+    error_from_exception,
+    error_from_rpc,
+    error_from_status,
+    read_bounded,
+)
 
 __all__ = ["LMClient", "LMStream", "StreamFinish", "TokenDelta"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "LM worker"
+T = TypeVar("T")
 _FINISH_REASONS = frozenset(FINISH_REASONS)
 
 
@@ -137,9 +146,10 @@ class LMClient:
 
     def __init__(self, pool: EndpointPool, client: httpx.AsyncClient, *, timeout_s: float = 120.0,
                  connect_timeout_s: float = 5.0, limits: proto.WireLimits = proto.DEFAULT_LIMITS,
-                 on_error: Callable[[str, GatewayError], None] | None = None) -> None:
+                 on_error: Callable[[str, GatewayError], None] | None = None, rpc: RpcClient | None = None) -> None:
         self.pool = pool
         self.client = client
+        self.rpc = rpc
         # read: a whole non-streaming generate, or the longest gap between streamed events.
         self.timeout_s = timeout_s
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
@@ -159,22 +169,37 @@ class LMClient:
 
     async def _generate(self, request: GenerateRequest) -> GenerateResponse:
         request.stream = False
-        endpoint, response = await self._open(request)
-        try:
-            data = await read_bounded(response, self.limits.max_message_bytes, service=SERVICE)
-        except httpx.HTTPError as exc:
-            error = error_from_exception(SERVICE, exc, idempotent=False)
-            self._failed(endpoint, error)
-            raise error from exc
-        finally:
-            await response.aclose()
-            self.pool.release(endpoint)
+        chunks = proto.encode_chunks(request)
+        endpoint, data = await self._first_to_start(request.request_id,
+                                                    lambda endpoint: self._generate_on(endpoint, request, chunks))
+        self.pool.release(endpoint)
         try:
             message = proto.decode(data, expect=GenerateResponse, limits=self.limits)
         except proto.ProtocolError as exc:
             raise UpstreamError(f"the LM worker sent an invalid GenerateResponse ({exc})") from exc
         self.pool.record_success(endpoint)
         return message
+
+    async def _generate_on(self, endpoint: Endpoint, request: GenerateRequest,
+                           chunks: list[bytes | memoryview]) -> bytes:
+        """One generate's answer from ``endpoint``: over its call channel if it has one
+        (HTTP when that cannot be reached: nothing was sent), else over HTTP."""
+        address = endpoint.rpc_address if self.rpc is not None else None
+        if address is not None:
+            try:
+                return await self.rpc.call(address, "generate", chunks)  # type: ignore[union-attr]
+            except RpcUnavailable as exc:
+                endpoint.rpc_failed(str(exc))
+            except RpcError as exc:
+                raise error_from_rpc(SERVICE, exc, idempotent=False) from exc
+        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
+        response = await self._post(endpoint, b"".join(chunks), headers)
+        try:
+            return await read_bounded(response, self.limits.max_message_bytes, service=SERVICE)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(SERVICE, exc, idempotent=False) from exc
+        finally:
+            await response.aclose()
 
     async def open_stream(self, request: GenerateRequest) -> LMStream:
         """Start generating; returns once the worker accepted (status 200), before any token."""
@@ -193,10 +218,12 @@ class LMClient:
         if self.on_error is not None:
             self.on_error(SERVICE, error)
 
-    async def _open(self, request: GenerateRequest) -> tuple[Endpoint, httpx.Response]:
-        """POST to a chosen endpoint; a 200 response (body unread, endpoint acquired) or an error."""
-        body = proto.encode(request)
-        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
+    async def _first_to_start(self, request_id: str,
+                              attempt: Callable[[Endpoint], Awaitable[T]]) -> tuple[Endpoint, T]:
+        """``attempt`` on one endpoint after another until one answers: a failure that
+        provably did nothing (a refused connection, a busy worker) moves on, any other
+        is raised, and with no endpoint left the last failure is. The endpoint that
+        answered stays acquired; the caller releases it."""
         tried: list[Endpoint] = []
         last_error: GatewayError | None = None
         while True:
@@ -208,7 +235,7 @@ class LMClient:
                 raise
             tried.append(endpoint)
             try:
-                return endpoint, await self._post(endpoint, body, headers)
+                return endpoint, await attempt(endpoint)
             except GatewayError as exc:
                 self.pool.release(endpoint)
                 self._failed(endpoint, exc)
@@ -216,10 +243,16 @@ class LMClient:
                     raise
                 last_error = exc
                 logger.warning("generate %s on %s failed before starting (%s); trying another endpoint",
-                               request.request_id, endpoint.url, exc.message)
+                               request_id, endpoint.url, exc.message)
             except BaseException:
                 self.pool.release(endpoint)  # cancelled: the caller's disconnect
                 raise
+
+    async def _open(self, request: GenerateRequest) -> tuple[Endpoint, httpx.Response]:
+        """POST to a chosen endpoint; a 200 response (body unread, endpoint acquired) or an error."""
+        body = proto.encode(request)
+        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
+        return await self._first_to_start(request.request_id, lambda endpoint: self._post(endpoint, body, headers))
 
     async def _post(self, endpoint: Endpoint, body: bytes, headers: dict[str, str]) -> httpx.Response:
         request = self.client.build_request("POST", f"{endpoint.url}/v1/generate", content=body, headers=headers,

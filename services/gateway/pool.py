@@ -7,7 +7,10 @@ without knowing them; ties rotate so idle replicas share the load. An endpoint t
 fails ``eject_after_failures`` times in a row (connection errors, timeouts, 5xx; not
 "busy" answers) leaves the rotation; a background probe of its ``/ready`` — the same
 endpoint compose and the test fixtures poll, which runs a tiny forward pass — puts
-it back once it answers 200.
+it back once it answers 200. Given an ``rpc`` client, the probe also learns the port
+of the endpoint's call channel (``rpc_port`` in the ``/ready`` body) and connects to
+it, off the request path: calls go there once that worked, over HTTP otherwise, and
+over HTTP again for a while after a call finds the channel unreachable.
 """
 
 from __future__ import annotations
@@ -15,11 +18,13 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import httpx
 
+from services.common.rpc import RpcClient, RpcError
 from services.gateway.errors import ServiceUnavailable
 
 __all__ = ["Endpoint", "EndpointPool"]
@@ -34,17 +39,44 @@ class Endpoint:
     consecutive_failures: int = 0
     ready: bool = True  # optimistic until told otherwise: the launcher starts us after its children are ready
     requests: int = 0
+    rpc_port: int | None = None  # the call channel, once a probe connected to it
+    # A channel that could not be reached is not used again until this (monotonic) time,
+    # unless the endpoint reports another port (it restarted).
+    rpc_unreachable: tuple[int, float] | None = None
+
+    def __post_init__(self) -> None:
+        self.host = httpx.URL(self.url).host or "127.0.0.1"
+
+    @property
+    def rpc_address(self) -> tuple[str, int] | None:
+        """Host and port of the call channel, when the endpoint has one we may use."""
+        if self.rpc_port is None:
+            return None
+        return self.host, self.rpc_port
+
+    def rpc_failed(self, reason: str, retry_after_s: float = 60.0) -> None:
+        """The call channel could not be reached: use HTTP for ``retry_after_s``."""
+        logger.warning("call channel of %s (port %s) unreachable (%s); using HTTP for %g s", self.url,
+                       self.rpc_port, reason, retry_after_s)
+        if self.rpc_port is not None:
+            self.rpc_unreachable = (self.rpc_port, time.monotonic() + retry_after_s)
+        self.rpc_port = None
+
+    def rpc_usable(self, port: int) -> bool:
+        """Not the port that just failed (a restarted endpoint reports another)."""
+        failed = self.rpc_unreachable
+        return failed is None or port != failed[0] or time.monotonic() >= failed[1]
 
     def to_dict(self) -> dict[str, object]:
         return {"url": self.url, "ready": self.ready, "outstanding": self.outstanding,
-                "consecutive_failures": self.consecutive_failures}
+                "consecutive_failures": self.consecutive_failures, "rpc_port": self.rpc_port}
 
 
 class EndpointPool:
     """The endpoints of one downstream service (``name`` appears in errors and metrics)."""
 
     def __init__(self, name: str, urls: Iterable[str], *, ready_path: str = "/ready",
-                 eject_after_failures: int = 3, probe_timeout_s: float = 5.0) -> None:
+                 eject_after_failures: int = 3, probe_timeout_s: float = 5.0, rpc: RpcClient | None = None) -> None:
         self.name = name
         self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
         if not self.endpoints:
@@ -52,6 +84,7 @@ class EndpointPool:
         self.ready_path = ready_path
         self.eject_after_failures = eject_after_failures
         self.probe_timeout = httpx.Timeout(probe_timeout_s)
+        self.rpc = rpc
         self._rotation = itertools.count()
 
     # ---- choice ------------------------------------------------------------------
@@ -104,6 +137,8 @@ class EndpointPool:
             ok, reason = response.status_code == 200, f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             ok, reason = False, type(exc).__name__
+        if ok and self.rpc is not None:
+            await self._learn_rpc_port(endpoint, response)
         if ok:
             if not endpoint.ready:
                 logger.info("%s endpoint %s is ready again", self.name, endpoint.url)
@@ -112,6 +147,25 @@ class EndpointPool:
         else:
             self.record_failure(endpoint, f"readiness probe: {reason}")
         return ok
+
+    async def _learn_rpc_port(self, endpoint: Endpoint, response: httpx.Response) -> None:
+        try:
+            port = response.json().get("rpc_port")
+        except (ValueError, AttributeError):  # not JSON, or not an object
+            port = None
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            endpoint.rpc_port = None
+            return
+        if port == endpoint.rpc_port or not endpoint.rpc_usable(port):
+            return
+        try:  # a channel that cannot be reached costs this probe its connect timeout, not a request
+            await self.rpc.connect((endpoint.host, port))  # type: ignore[union-attr]
+        except RpcError as exc:
+            endpoint.rpc_port = port
+            endpoint.rpc_failed(str(exc))
+            return
+        logger.info("%s endpoint %s: calls over its channel on port %d", self.name, endpoint.url, port)
+        endpoint.rpc_port = port
 
     async def run_probes(self, client: httpx.AsyncClient, interval_s: float) -> None:
         """Probe forever (a background task; cancel it to stop)."""

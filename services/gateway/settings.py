@@ -41,6 +41,9 @@ class GatewaySettings:
     port: int = 8000
     api_key: str | None = None
     internal_token: str | None = None  # sent as x-internal-token to encoders and LM workers
+    # auto: encodes and non-streaming generates go over the call channel an endpoint
+    # advertises in /ready (rpc_port), HTTP where none is; http: HTTP only.
+    internal_transport: str = "auto"
     cache_bytes: int = 1 << 30
     max_body_bytes: int = 32 << 20
     max_image_bytes: int = 16 << 20
@@ -66,6 +69,8 @@ class GatewaySettings:
     def __post_init__(self) -> None:
         if self.encoder_protocol not in ("native", "kserve"):
             raise ValueError(f"encoder_protocol must be native or kserve, got {self.encoder_protocol!r}")
+        if self.internal_transport not in ("auto", "http"):
+            raise ValueError(f"internal_transport must be auto or http, got {self.internal_transport!r}")
         if self.feature_dtype not in ("bfloat16", "float16", "float32"):
             raise ValueError(f"feature_dtype must be bfloat16, float16 or float32, got {self.feature_dtype!r}")
         for name in ("max_body_bytes", "max_image_bytes", "max_images", "max_pixels", "max_prompt_chars",
@@ -129,6 +134,8 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
     "--port": (int, "bind port"),
     "--api-key": (_optional_str, "require 'Authorization: Bearer KEY' on /v1/* (empty: no auth)"),
     "--internal-token": (_optional_str, "shared secret sent to encoders and LM workers in x-internal-token"),
+    "--internal-transport": (str, "auto: encodes and generates over the call channel each encoder and LM worker "
+                                  "reports in /ready (HTTP where none is); http: HTTP only"),
     "--cache-bytes": (int, "feature cache size in bytes (0 disables)"),
     "--max-body-bytes": (int, "largest request body in bytes"),
     "--max-image-bytes": (int, "largest image file in bytes"),
@@ -173,6 +180,8 @@ def add_gateway_arguments(parser: argparse.ArgumentParser, environ: Mapping[str,
             default = list(default)
         elif flag == "--encoder-protocol":
             extra["choices"] = ("native", "kserve")
+        elif flag == "--internal-transport":
+            extra["choices"] = ("auto", "http")
         if flag in _SECRETS:
             # Not through add_setting: its help would print the secret from the environment.
             parser.add_argument(flag, dest=dest, type=kind, default=environ.get(env_name(flag)) or None,

@@ -17,6 +17,7 @@ import logging
 
 import httpx
 
+from services.common import rpc
 from services.gateway.errors import (
     GatewayError,
     InvalidRequest,
@@ -26,7 +27,7 @@ from services.gateway.errors import (
     UpstreamTimeout,
 )
 
-__all__ = ["error_from_exception", "error_from_status", "read_bounded"]
+__all__ = ["error_from_exception", "error_from_rpc", "error_from_status", "read_bounded"]
 
 logger = logging.getLogger(__name__)
 
@@ -108,3 +109,15 @@ def error_from_exception(service: str, exc: httpx.HTTPError, *, idempotent: bool
         return UpstreamError(f"the connection to the {service} was lost ({name})", retryable=idempotent,
                              endpoint_fault=True, connection_lost=True)
     return UpstreamError(f"calling the {service} failed ({name}: {exc})")
+
+
+def error_from_rpc(service: str, exc: rpc.RpcError, *, idempotent: bool) -> GatewayError:
+    """The same outcomes over the call channel (``services.common.rpc``)."""
+    if isinstance(exc, rpc.RpcFailed):
+        return error_from_status(service, exc.status, exc.body, idempotent=idempotent)
+    if isinstance(exc, rpc.RpcUnavailable):
+        return ServiceUnavailable(f"could not connect to the {service} ({exc})", retryable=True, endpoint_fault=True)
+    if isinstance(exc, rpc.RpcConnectionLost):
+        return UpstreamError(f"the connection to the {service} was lost ({exc})", retryable=idempotent,
+                             endpoint_fault=True, connection_lost=True)
+    return UpstreamError(f"the {service} broke the call protocol ({exc})", retryable=idempotent, endpoint_fault=True)

@@ -61,6 +61,12 @@ def test_captions_equal_the_in_process_pipeline_and_are_right(stack, reference):
     # Generous floor: the bundled model scores far higher on 500 scenes (README).
     assert scores["exact_match"] >= 0.85, scores
     assert min(scores[k] for k in ("shape", "colour", "size", "position")) >= 0.93, scores
+    # The gateway reached both tiers over their call channels, not HTTP.
+    ready = httpx.get(f"{stack.url}/ready", timeout=30).json()
+    assert all(endpoint["rpc_port"] for tier in ("encoder", "lm") for endpoint in ready[tier]["endpoints"])
+    encoded = sum(metric_value(httpx.get(f"{e.url}/metrics").text, "step37_encoder_requests_total", route="rpc:encode")
+                  for e in stack.encoders)
+    assert encoded >= len(images)
 
 
 def test_openai_client_chat_completion_and_stream(stack, reference):

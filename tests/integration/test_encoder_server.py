@@ -9,7 +9,9 @@ through tritonclient; concurrent requests share forwards.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -24,6 +26,7 @@ from tritonclient.utils import InferenceServerException
 import proto
 from encoder_server.model import load_vision_model
 from encoder_server.preprocess import preprocess_batch
+from services.common.rpc import RpcClient, RpcFailed
 from services.demo.checkpoint import random_checkpoint, read_token_ids
 
 MAX_BATCH_SIZE = 4
@@ -135,3 +138,27 @@ def test_concurrent_requests_share_forwards(encoder, checkpoint: Path) -> None:
     client.close()
     assert max(entry["batch_size"] for entry in stats["batch_stats"]) >= 2
     assert stats["inference_stats"]["success"]["count"] == MAX_BATCH_SIZE
+
+
+def test_the_call_channel_gives_the_same_features_and_refuses_bad_images(encoder, reference: torch.Tensor) -> None:
+    port = httpx.get(encoder.url + "/ready", timeout=10).json()["rpc_port"]
+
+    async def scenario() -> None:
+        client = RpcClient()
+        try:
+            request = proto.EncodeRequest(images=list(IMAGES), output_dtype="float32", request_id="rpc-1")
+            message = proto.decode(await client.call(("127.0.0.1", port), "encode", proto.encode_chunks(request)),
+                                   expect=proto.EncodeResponse)
+            assert message.request_id == "rpc-1" and "total_ms" in message.timings
+            torch.testing.assert_close(message.image.image_features, reference, rtol=1e-4, atol=1e-5)
+            bad = proto.EncodeRequest(images=[IMAGES[0], b"not an image"])
+            with pytest.raises(RpcFailed) as refused:
+                await client.call(("127.0.0.1", port), "encode", proto.encode_chunks(bad))
+            assert refused.value.status == 400
+            assert json.loads(refused.value.body)["error"]["field"] == "images[1]"
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+    metrics = httpx.get(encoder.url + "/metrics", timeout=10).text
+    assert 'route="rpc:encode"' in metrics

@@ -221,7 +221,10 @@ def test_killing_the_lm_worker_mid_generation_answers_in_flight_requests_and_rec
 def test_a_slow_encoder_times_out_and_excess_load_is_turned_away(services) -> None:
     encoder, lm = start_encoder(services), start_lm_worker(services)
     with DelayProxy(encoder.port) as proxy:
-        gateway = start_gateway(services, proxy.url, lm.url, "--encoder-timeout-s", "1", "--encoder-attempts", "1",
+        # HTTP only: the proxy delays HTTP; the encoder's call channel would go around it
+        # (the same timeout on that path: tests/unit/test_gateway_rpc.py).
+        gateway = start_gateway(services, proxy.url, lm.url, "--internal-transport", "http",
+                                "--encoder-timeout-s", "1", "--encoder-attempts", "1",
                                 "--max-concurrent-requests", "2", "--eject-after-failures", "100")
         assert caption(gateway.url, 0).status_code == 200
         proxy.delay_s = 3.0

@@ -1,7 +1,8 @@
 """The real ``step37-serve lm-worker`` process on a free port, fed msgpack
 ``GenerateRequest``s whose ``ImageForInsert``s carry features from the seeded tiny
 vision tower: greedy outputs equal an in-process run of the same checkpoint, streaming
-works, and a client that goes away mid-generation gets its slot freed."""
+works, and a client that goes away mid-generation gets its slot freed, over HTTP and
+over the call channel alike."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from lm_worker.serving import LMWorkerService
 from lm_worker.settings import LMWorkerSettings
 from proto import GenerateRequest, GenerateResponse, ImageForInsert, SamplingParams
 from services.common.procs import ServiceProcess
+from services.common.rpc import RpcClient, RpcFailed
 from services.demo.checkpoint import random_checkpoint, read_token_ids
 
 MAX_BATCH_SIZE = 4
@@ -171,3 +173,53 @@ def test_bad_input_over_the_socket_is_a_4xx_and_the_worker_keeps_serving(worker,
     assert response.json()["error"]["field"] == "images[0].image_features"
     ok = httpx.post(worker.url + "/v1/generate", content=proto.encode(requests[0]), headers=HEADERS, timeout=60)
     assert proto.decode(ok.content, expect=GenerateResponse).token_ids == expected[0].token_ids
+
+
+def rpc_address(url: str) -> tuple[str, int]:
+    """The call channel the service reports in /ready."""
+    port = httpx.get(url + "/ready", timeout=10).json()["rpc_port"]
+    return "127.0.0.1", port
+
+
+def test_generates_over_the_call_channel_equal_the_in_process_run(worker, requests, expected) -> None:
+    async def send_all() -> list[GenerateResponse]:
+        client = RpcClient()
+        try:
+            replies = await asyncio.gather(*(client.call(rpc_address(worker.url), "generate", proto.encode_chunks(r))
+                                             for r in requests))
+        finally:
+            await client.aclose()
+        return [proto.decode(reply, expect=GenerateResponse) for reply in replies]
+
+    for got, want, request in zip(asyncio.run(send_all()), expected, requests, strict=True):
+        assert got.request_id == request.request_id
+        assert got.token_ids == want.token_ids and got.text == want.text
+
+
+def test_the_call_channel_refuses_bad_input_and_streams_and_frees_a_cancelled_calls_slot(worker, requests) -> None:
+    address = rpc_address(worker.url)
+    aborted = metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"})
+
+    async def scenario() -> None:
+        client = RpcClient()
+        try:
+            bad = GenerateRequest(prompt="<image> describe",
+                                  images=[ImageForInsert(requests[0].images[0].insert_start_token)])
+            with pytest.raises(RpcFailed) as refused:
+                await client.call(address, "generate", proto.encode_chunks(bad))
+            assert refused.value.status == 400
+            assert json.loads(refused.value.body)["error"]["field"] == "images[0].image_features"
+            with pytest.raises(RpcFailed) as streamed:
+                await client.call(address, "generate", proto.encode_chunks(dataclasses.replace(requests[0], stream=True)))
+            assert json.loads(streamed.value.body)["error"]["field"] == "stream"
+            call = asyncio.ensure_future(client.call(address, "generate",
+                                                     proto.encode_chunks(long_request(requests, stream=False))))
+            await asyncio.sleep(0.5)
+            call.cancel()
+            await asyncio.gather(call, return_exceptions=True)
+        finally:
+            await client.aclose()
+
+    asyncio.run(scenario())
+    wait_until(lambda: metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"}) == aborted + 1)
+    wait_until(lambda: metric(worker.url, "lm_worker_kv_cache_free_slots") == MAX_BATCH_SIZE)

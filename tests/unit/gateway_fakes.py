@@ -247,3 +247,21 @@ def asgi_request(path: str, body: dict[str, Any], *, disconnect: asyncio.Event) 
         return {"type": "http.disconnect"}
 
     return scope, receive
+
+
+class HangingCall:
+    """A call-channel handler that never answers: ``started`` when a call arrives,
+    ``cancelled`` when the caller's cancel (or a lost connection) reaches it."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = asyncio.Event()
+
+    async def __call__(self, payload: bytes) -> list[bytes]:
+        self.started.set()
+        try:
+            await asyncio.sleep(3600)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+        return [b""]

@@ -288,6 +288,17 @@ def test_healthchecks_probe_readiness_on_the_listening_port(stack, profile):
 
 
 @pytest.mark.parametrize(("stack", "profile"), stack_params())
+def test_encoders_and_lm_workers_expose_their_call_channel_on_a_fixed_port(stack, profile):
+    for name, service in resolve(STACKS[stack], PROFILES[profile]).items():
+        if not runs_step37(service) or parse_command(service)[0] not in ("encoder", "lm-worker"):
+            continue
+        args = parse_command(service)[1]
+        assert args.rpc_port > 0 and args.rpc_port != args.port, f"{name}: call channel on {args.rpc_port}"
+        assert str(args.rpc_port) in [str(port) for port in service.get("expose", [])], \
+            f"{name} exposes {service.get('expose')}, not its call channel {args.rpc_port}"
+
+
+@pytest.mark.parametrize(("stack", "profile"), stack_params())
 def test_only_gateways_publish_a_port_and_on_loopback_by_default(stack, profile):
     for name, service in resolve(STACKS[stack], PROFILES[profile]).items():
         if not runs_step37(service) or parse_command(service)[0] != "gateway":

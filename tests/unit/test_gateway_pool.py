@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections import Counter
 
 import httpx
 import pytest
 from gateway_fakes import FakeEncoder, chat_body, harness, png
 
+from services.common.rpc import RpcClient, RpcListen, RpcServer
 from services.gateway.errors import ServiceUnavailable
 from services.gateway.pool import EndpointPool
 
@@ -111,5 +113,48 @@ def test_concurrent_encodes_spread_over_replicas():
         responses = await asyncio.gather(*(h.client.post("/v1/captions", files=f) for f in files))
         assert all(r.status_code == 200 for r in responses)
         assert Counter(host for host, _ in encoder.calls) == {"http://encoder-a": 2, "http://encoder-b": 2}
+
+    run(scenario())
+
+
+
+def test_probes_connect_to_the_reported_call_channel_before_using_it():
+    async def scenario():
+        async def echo(payload: bytes) -> list[bytes]:
+            return [payload]
+
+        server = RpcServer({"encode": echo}, max_frame_bytes=1024)
+        live = await server.start(RpcListen())
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            dead = probe.getsockname()[1]
+        bodies = {"127.0.0.1": {"status": "ready", "rpc_port": live}, "localhost": {"status": "ready", "rpc_port": dead},
+                  "other": {"status": "ready", "rpc_port": "7002"}}
+
+        def handler(request: httpx.Request) -> httpx.Response:
+            return httpx.Response(200, json=bodies[request.url.host])
+
+        client = httpx.AsyncClient(transport=httpx.MockTransport(handler))
+        rpc = RpcClient(connect_timeout_s=2)
+        pool = EndpointPool("encoder", ["http://127.0.0.1:8001", "http://localhost", "http://other"], rpc=rpc)
+        a, b, c = pool.endpoints
+        try:
+            assert await pool.probe_once(client) == 3  # the channel decides nothing about readiness
+            assert a.rpc_address == ("127.0.0.1", live)
+            assert b.rpc_address is None and c.rpc_address is None  # nothing listens there; not an int
+            a.rpc_failed("connection refused")  # as a call would find it
+            await pool.probe_once(client)
+            assert a.rpc_address is None  # the port that failed: HTTP for a while
+            restarted = RpcServer({"encode": echo}, max_frame_bytes=1024)
+            bodies["127.0.0.1"]["rpc_port"] = await restarted.start(RpcListen())
+            await pool.probe_once(client)  # another port (the endpoint restarted): used at once
+            assert a.rpc_address == ("127.0.0.1", bodies["127.0.0.1"]["rpc_port"])
+            await restarted.stop()
+            without = EndpointPool("encoder", ["http://127.0.0.1"])  # no rpc client: the port is not learnt
+            await without.probe_once(client)
+            assert without.endpoints[0].rpc_address is None
+        finally:
+            await rpc.aclose()
+            await server.stop()
 
     run(scenario())

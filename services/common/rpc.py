@@ -1,0 +1,463 @@
+"""Framed calls over one TCP connection: the gateway's fast path to its own tiers.
+
+An HTTP call between the gateway and an encoder or LM worker costs ~3 ms on two CPU
+cores beyond the work itself: uvicorn, Starlette routing and middleware, a disconnect
+watcher task, the HTTP client's request and response objects. Here a call is one
+frame out and one frame back on a kept-open connection, parsed by a few lines of
+``asyncio.Protocol`` code. The payloads are the same msgpack messages the HTTP
+routes take and answer, and errors carry the same status and JSON body, so the
+gateway treats both paths alike. HTTP stays for everything else: health, readiness,
+metrics, streams, KServe, and any client that is not the gateway.
+
+Wire format. The client opens a connection and sends a hello::
+
+    b"S37RPC/1" | u16 token length | token (UTF-8; empty when none is required)
+
+The server answers a HELLO frame, or an ERROR frame (401) and closes. Then both sides
+send frames: an 11-byte header ``!BIHI`` — type, call id, code, payload length — and
+the payload:
+
+    CALL    client → server   code: method id        payload: the request message
+    CANCEL  client → server   no payload: the caller gave up; its work is cancelled
+    REPLY   server → client   code: 200              payload: the response message
+    ERROR   server → client   code: HTTP status      payload: ``{"error": {...}}`` JSON
+
+Calls on a connection run concurrently; replies come back as they finish. Sizes are
+bounded both ways: a request frame over the server's limit is answered 413 and its
+bytes skipped (the connection stays usable); a reply over the caller's limit fails
+that call alone. Payloads are never unpickled: handlers decode them with ``proto``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import struct
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+from proto.errors import DescribedError
+from services.common.errors import error_body, status_of
+
+__all__ = [
+    "METHODS",
+    "RpcClient",
+    "RpcConnectionLost",
+    "RpcError",
+    "RpcFailed",
+    "RpcListen",
+    "RpcProtocolError",
+    "RpcServer",
+    "RpcUnavailable",
+]
+
+logger = logging.getLogger(__name__)
+
+MAGIC = b"S37RPC/1"
+_TOKEN_LENGTH = struct.Struct("!H")
+MAX_TOKEN_BYTES = 1024
+HEADER = struct.Struct("!BIHI")  # type, call id, code, payload length
+
+CALL, CANCEL, REPLY, ERROR, HELLO = 1, 2, 3, 4, 5
+METHODS = {"encode": 1, "generate": 2}  # method name → id on the wire
+MAX_CALLS_PER_CONNECTION = 1024
+
+Chunks = Sequence[bytes | memoryview]
+Handler = Callable[[bytes], Awaitable[Chunks]]
+
+
+@dataclass(frozen=True)
+class RpcListen:
+    """Where a service listens for calls: ``port`` 0 takes any free port (the service
+    reports the one it got in ``/ready``)."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    token: str | None = None
+
+
+class _Refused(DescribedError):
+    """A call the channel itself turns away (the handler never runs)."""
+
+    def __init__(self, status: int, kind: str, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.http_status, self.kind, self.field = status, kind, field
+
+
+def _size(chunk: bytes | memoryview) -> int:
+    return chunk.nbytes if isinstance(chunk, memoryview) else len(chunk)
+
+
+def _error_payload(exc: BaseException) -> bytes:
+    return json.dumps({"error": error_body(exc)}).encode()
+
+
+class _Frames:
+    """Splits a byte stream into ``(type, call id, code, payload)``; a payload longer
+    than ``max_payload`` comes out as ``None`` and its bytes are skipped as they arrive."""
+
+    def __init__(self, max_payload: int) -> None:
+        self.max_payload = max_payload
+        self._buffer = bytearray()
+        self._skip = 0
+
+    def feed(self, data: bytes) -> Iterator[tuple[int, int, int, bytes | None]]:
+        if self._skip:
+            skipped = min(self._skip, len(data))
+            self._skip -= skipped
+            data = data[skipped:]
+        buffer = self._buffer
+        buffer += data
+        while len(buffer) >= HEADER.size:
+            kind, call_id, code, length = HEADER.unpack_from(buffer)
+            if length > self.max_payload:
+                available = min(length, len(buffer) - HEADER.size)
+                del buffer[: HEADER.size + available]
+                self._skip = length - available
+                yield kind, call_id, code, None
+                continue
+            end = HEADER.size + length
+            if len(buffer) < end:
+                return
+            payload = bytes(buffer[HEADER.size:end])
+            del buffer[:end]
+            yield kind, call_id, code, payload
+
+
+# ---- server ---------------------------------------------------------------------------
+
+
+class RpcServer:
+    """Serves ``handlers`` (method name → ``async (payload) -> reply chunks``) on a port.
+
+    A handler raises to answer an error: a ``DescribedError`` becomes its status and
+    body, anything else a logged 500. ``on_error(kind)`` counts errors for metrics,
+    ``on_call(method, status, seconds)`` every finished call.
+    """
+
+    def __init__(self, handlers: Mapping[str, Handler], *, max_frame_bytes: int, token: str | None = None,
+                 on_error: Callable[[str], None] | None = None,
+                 on_call: Callable[[str, int, float], None] | None = None) -> None:
+        unknown = set(handlers) - set(METHODS)
+        if unknown:
+            raise ValueError(f"no method id for {sorted(unknown)}")
+        self.handlers = {METHODS[name]: (name, handler) for name, handler in handlers.items()}
+        self.max_frame_bytes = max_frame_bytes
+        self._token = token.encode() if token else b""
+        self.on_error = on_error
+        self.on_call = on_call
+        self._server: asyncio.base_events.Server | None = None
+        self._connections: set[_ServerConnection] = set()
+        self.port: int | None = None
+
+    async def start(self, listen: RpcListen) -> int:
+        """Listen; returns the port (the one the OS chose when ``listen.port`` is 0)."""
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(lambda: _ServerConnection(self), listen.host, listen.port)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        logger.info("calls served on %s:%d", listen.host, self.port)
+        return self.port
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop accepting, let calls in flight finish (up to ``grace_s``), then close."""
+        if self._server is not None:
+            self._server.close()
+        tasks = [task for connection in self._connections for task in connection.calls.values()]
+        if tasks:
+            await asyncio.wait(tasks, timeout=grace_s)
+        for connection in list(self._connections):
+            connection.close()
+        if self._server is not None:
+            await self._server.wait_closed()
+            self._server = None
+
+    def token_ok(self, presented: bytes) -> bool:
+        return hmac.compare_digest(presented, self._token)
+
+
+class _ServerConnection(asyncio.Protocol):
+    def __init__(self, server: RpcServer) -> None:
+        self.server = server
+        self.transport: asyncio.Transport | None = None
+        self.frames = _Frames(server.max_frame_bytes)
+        self.calls: dict[int, asyncio.Task] = {}
+        self._hello = bytearray()  # until the hello is complete
+        self._greeted = False
+        self._loop = asyncio.get_running_loop()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+        self.server._connections.add(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.server._connections.discard(self)
+        for task in self.calls.values():  # nobody is left to read the answers
+            task.cancel()
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if not self._greeted:
+            data = self._greet(data)
+            if not data:
+                return
+        for kind, call_id, code, payload in self.frames.feed(data):
+            if kind == CALL:
+                self._call(call_id, code, payload)
+            elif kind == CANCEL:
+                task = self.calls.get(call_id)
+                if task is not None:
+                    task.cancel()
+            else:
+                logger.warning("closing a call connection that sent frame type %d", kind)
+                self.close()
+                return
+
+    def _greet(self, data: bytes) -> bytes:
+        """Consume the hello; returns the bytes after it ('' while incomplete or refused)."""
+        self._hello += data
+        fixed = len(MAGIC) + _TOKEN_LENGTH.size
+        if len(self._hello) < fixed:
+            if not MAGIC.startswith(bytes(self._hello[: len(MAGIC)])):
+                self.close()  # not our protocol (an HTTP client on the wrong port, a scanner)
+            return b""
+        if self._hello[: len(MAGIC)] != MAGIC:
+            self.close()
+            return b""
+        (length,) = _TOKEN_LENGTH.unpack_from(self._hello, len(MAGIC))
+        if length > MAX_TOKEN_BYTES:
+            self.close()
+            return b""
+        if len(self._hello) < fixed + length:
+            return b""
+        token, rest = bytes(self._hello[fixed:fixed + length]), bytes(self._hello[fixed + length:])
+        self._hello = bytearray()
+        if not self.server.token_ok(token):
+            refused = _Refused(401, "unauthorized", "missing or wrong internal token", field="token")
+            self._send(ERROR, 0, 401, [_error_payload(refused)])
+            self.close()
+            return b""
+        self._greeted = True
+        self._send(HELLO, 0, 200, [])
+        return rest
+
+    def _call(self, call_id: int, code: int, payload: bytes | None) -> None:
+        entry = self.server.handlers.get(code)
+        if payload is None:
+            error = _Refused(413, "payload_too_large",
+                             f"the request is larger than the limit of {self.server.max_frame_bytes} bytes",
+                             field="body")
+        elif entry is None:
+            error = _Refused(404, "unknown_method", f"no method with id {code} here")
+        elif call_id in self.calls:
+            error = _Refused(400, "invalid_request", f"call id {call_id} is already in flight")
+        elif len(self.calls) >= MAX_CALLS_PER_CONNECTION:
+            error = _Refused(503, "overloaded", f"more than {MAX_CALLS_PER_CONNECTION} calls in flight")
+        else:
+            name, handler = entry
+            self.calls[call_id] = self._loop.create_task(self._run(call_id, name, handler, payload))
+            return
+        self._fail(call_id, error, method=entry[0] if entry else "unknown", started=self._loop.time())
+
+    async def _run(self, call_id: int, method: str, handler: Handler, payload: bytes) -> None:
+        started = self._loop.time()
+        try:
+            chunks = await handler(payload)
+        except asyncio.CancelledError:
+            self._record(method, 499, started)
+            raise
+        except Exception as exc:
+            if status_of(exc) >= 500:
+                logger.exception("%s call failed", method)
+            self._fail(call_id, exc, method=method, started=started)
+        else:
+            self._send(REPLY, call_id, 200, chunks)
+            self._record(method, 200, started)
+        finally:
+            self.calls.pop(call_id, None)
+
+    def _fail(self, call_id: int, exc: BaseException, *, method: str, started: float) -> None:
+        status = status_of(exc)
+        body = error_body(exc)
+        if self.server.on_error is not None:
+            self.server.on_error(body.get("type", "internal_error"))
+        self._send(ERROR, call_id, status, [json.dumps({"error": body}).encode()])
+        self._record(method, status, started)
+
+    def _record(self, method: str, status: int, started: float) -> None:
+        if self.server.on_call is not None:
+            self.server.on_call(method, status, self._loop.time() - started)
+
+    def _send(self, kind: int, call_id: int, code: int, chunks: Chunks) -> None:
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            return
+        header = HEADER.pack(kind, call_id, code, sum(_size(chunk) for chunk in chunks))
+        transport.writelines([header, *chunks])
+
+
+# ---- client ---------------------------------------------------------------------------
+
+
+class RpcError(Exception):
+    """A call that did not get a reply."""
+
+
+class RpcUnavailable(RpcError):
+    """No connection could be made (nothing was sent): safe to try elsewhere."""
+
+
+class RpcConnectionLost(RpcError):
+    """The connection closed with the call in flight: the work may have run."""
+
+
+class RpcProtocolError(RpcError):
+    """The peer broke the protocol for this call (a reply over the size limit, a bad frame)."""
+
+
+class RpcFailed(RpcError):
+    """The server answered an error: ``status`` and the JSON ``body`` an HTTP route would give."""
+
+    def __init__(self, status: int, body: bytes) -> None:
+        super().__init__(f"status {status}")
+        self.status = status
+        self.body = body
+
+
+class _ClientConnection(asyncio.Protocol):
+    def __init__(self, max_reply_bytes: int) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.frames = _Frames(max_reply_bytes)
+        self.pending: dict[int, asyncio.Future] = {}
+        self.greeted: asyncio.Future = asyncio.get_running_loop().create_future()
+        self._next_id = 0
+        self.closed = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        error = RpcConnectionLost(f"connection closed ({exc or 'by the server'})")
+        if not self.greeted.done():
+            self.greeted.set_exception(RpcUnavailable("the server closed the connection during the hello"))
+        for future in self.pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self.pending.clear()
+
+    def data_received(self, data: bytes) -> None:
+        for kind, call_id, code, payload in self.frames.feed(data):
+            if kind == HELLO:
+                if not self.greeted.done():
+                    self.greeted.set_result(None)
+                continue
+            if kind == ERROR and call_id == 0 and not self.greeted.done():
+                self.greeted.set_exception(RpcFailed(code, payload or b""))
+                continue
+            future = self.pending.pop(call_id, None)
+            if future is None or future.done():
+                continue  # a call its caller gave up on
+            if payload is None:
+                future.set_exception(RpcProtocolError(
+                    f"the reply is larger than the limit of {self.frames.max_payload} bytes"))
+            elif kind == REPLY:
+                future.set_result(payload)
+            elif kind == ERROR:
+                future.set_exception(RpcFailed(code, payload))
+            else:
+                future.set_exception(RpcProtocolError(f"unexpected frame type {kind}"))
+
+    def call(self, method_id: int, chunks: Chunks) -> tuple[int, asyncio.Future]:
+        self._next_id = self._next_id % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: 0 is the hello's
+        call_id = self._next_id
+        future = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        header = HEADER.pack(CALL, call_id, method_id, sum(_size(chunk) for chunk in chunks))
+        self.transport.writelines([header, *chunks])  # type: ignore[union-attr]
+        return call_id, future
+
+    def cancel(self, call_id: int) -> None:
+        if self.pending.pop(call_id, None) is not None and not self.closed and self.transport is not None:
+            self.transport.write(HEADER.pack(CANCEL, call_id, 0, 0))
+
+
+class RpcClient:
+    """Calls to any number of servers, one kept-open connection each, opened on first use.
+
+    ``call`` raises ``RpcUnavailable`` when it cannot connect, ``RpcConnectionLost``
+    when the connection drops mid-call, ``RpcFailed`` for an error answer and
+    ``RpcProtocolError`` for a reply it refuses. Cancelling a call sends CANCEL, so
+    the server stops its work (a freed encoder slot, a freed KV-cache slot).
+    """
+
+    def __init__(self, *, token: str | None = None, connect_timeout_s: float = 5.0,
+                 max_reply_bytes: int = 64 * 1024 * 1024) -> None:
+        token_bytes = (token or "").encode()
+        if len(token_bytes) > MAX_TOKEN_BYTES:
+            raise ValueError(f"the internal token is longer than {MAX_TOKEN_BYTES} bytes")
+        self._hello = MAGIC + _TOKEN_LENGTH.pack(len(token_bytes)) + token_bytes
+        self.connect_timeout_s = connect_timeout_s
+        self.max_reply_bytes = max_reply_bytes
+        self._connections: dict[tuple[str, int], _ClientConnection] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Task] = {}
+
+    async def call(self, address: tuple[str, int], method: str, chunks: Chunks) -> bytes:
+        connection = self._connections.get(address)
+        if connection is None or connection.closed or connection.transport.is_closing():
+            connection = await self._connect(address)
+        call_id, future = connection.call(METHODS[method], chunks)
+        try:
+            return await future
+        except asyncio.CancelledError:
+            connection.cancel(call_id)
+            raise
+
+    async def connect(self, address: tuple[str, int]) -> None:
+        """Open the connection to ``address`` now, unless one is open (``RpcUnavailable``,
+        ``RpcFailed`` when the hello is refused)."""
+        connection = self._connections.get(address)
+        if connection is None or connection.closed or connection.transport.is_closing():
+            await self._connect(address)
+
+    async def _connect(self, address: tuple[str, int]) -> _ClientConnection:
+        task = self._connecting.get(address)
+        if task is None:  # concurrent first calls share one connection attempt
+            task = asyncio.ensure_future(self._open(address))
+            self._connecting[address] = task
+            task.add_done_callback(lambda _: self._connecting.pop(address, None))
+        return await asyncio.shield(task)
+
+    async def _open(self, address: tuple[str, int]) -> _ClientConnection:
+        try:
+            connection = await asyncio.wait_for(self._handshake(address), self.connect_timeout_s)
+        except asyncio.TimeoutError as exc:
+            raise RpcUnavailable(f"no answer from {address[0]}:{address[1]} within "
+                                 f"{self.connect_timeout_s:g} s") from exc
+        except OSError as exc:
+            raise RpcUnavailable(f"cannot connect to {address[0]}:{address[1]} ({exc})") from exc
+        self._connections[address] = connection
+        return connection
+
+    async def _handshake(self, address: tuple[str, int]) -> _ClientConnection:
+        max_reply = self.max_reply_bytes
+        transport, connection = await asyncio.get_running_loop().create_connection(
+            lambda: _ClientConnection(max_reply), *address)
+        try:
+            transport.write(self._hello)
+            await connection.greeted
+        except BaseException:
+            transport.close()
+            raise
+        return connection
+
+    async def aclose(self) -> None:
+        for connection in self._connections.values():
+            if connection.transport is not None:
+                connection.transport.close()
+        self._connections.clear()
+

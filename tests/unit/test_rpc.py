@@ -1,0 +1,246 @@
+"""The call channel (``services.common.rpc``): a real server and client on loopback.
+
+Frames split anywhere, concurrent calls answered out of order, errors with the HTTP
+routes' status and body, bounded sizes both ways that fail one call and keep the
+connection, cancellation reaching the server's handler, the hello's token, and
+connections that cannot be made or are lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import socket
+
+import pytest
+from gateway_fakes import HangingCall
+
+from proto.errors import MalformedMessage
+from services.common import rpc
+from services.common.rpc import (
+    HEADER,
+    RpcClient,
+    RpcConnectionLost,
+    RpcFailed,
+    RpcListen,
+    RpcProtocolError,
+    RpcServer,
+    RpcUnavailable,
+)
+
+
+async def _echo(payload: bytes) -> list[bytes]:
+    """Answers the payload reversed, after sleeping as many ms as its first byte says."""
+    await asyncio.sleep(payload[0] / 1000 if payload else 0)
+    return [payload[::-1]]
+
+
+def _run(coroutine):
+    return asyncio.run(coroutine)
+
+
+async def _serve(handlers=None, **kwargs) -> tuple[RpcServer, tuple[str, int]]:
+    server = RpcServer(handlers or {"encode": _echo}, max_frame_bytes=kwargs.pop("max_frame_bytes", 1 << 20), **kwargs)
+    port = await server.start(RpcListen("127.0.0.1", 0))
+    return server, ("127.0.0.1", port)
+
+
+def test_frames_split_at_any_byte_come_out_whole() -> None:
+    rng = random.Random(0)
+    frames = [(rpc.CALL, i + 1, 2, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))) for i in range(40)]
+    stream = b"".join(HEADER.pack(kind, call_id, code, len(payload)) + payload
+                      for kind, call_id, code, payload in frames)
+    parser = rpc._Frames(max_payload=1000)
+    out, position = [], 0
+    while position < len(stream):
+        step = rng.randrange(1, 50)
+        out += list(parser.feed(stream[position:position + step]))
+        position += step
+    assert out == frames
+
+
+def test_a_frame_over_the_limit_is_reported_and_skipped_whatever_the_split() -> None:
+    big = HEADER.pack(rpc.CALL, 1, 1, 5000) + bytes(5000)
+    small = HEADER.pack(rpc.CALL, 2, 1, 3) + b"abc"
+    for step in (1, 7, 100, 6000):
+        parser = rpc._Frames(max_payload=1000)
+        stream, out = big + small, []
+        for position in range(0, len(stream), step):
+            out += list(parser.feed(stream[position:position + step]))
+        assert out == [(rpc.CALL, 1, 1, None), (rpc.CALL, 2, 1, b"abc")]
+
+
+def test_concurrent_calls_on_one_connection_are_answered_out_of_order() -> None:
+    async def scenario():
+        server, address = await _serve()
+        client = RpcClient()
+        try:
+            finished: list[int] = []
+
+            async def call(delay_ms: int, tag: int) -> bytes:
+                reply = await client.call(address, "encode", [bytes([delay_ms, tag]), b"xyz"])
+                finished.append(tag)
+                return reply
+
+            replies = await asyncio.gather(call(60, 0), call(1, 1), call(30, 2))
+            assert replies == [b"zyx" + bytes([0, 60]), b"zyx" + bytes([1, 1]), b"zyx" + bytes([2, 30])]
+            assert finished == [1, 2, 0]
+            assert len(client._connections) == 1  # all three shared one connection
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_errors_carry_the_status_and_json_body_of_the_http_routes_and_the_connection_lives_on() -> None:
+    async def failing(payload: bytes) -> list[bytes]:
+        if payload == b"bad":
+            raise MalformedMessage("images[0]", "not a PNG", value=b"bad")
+        raise RuntimeError("secret internals")
+
+    async def scenario():
+        counted: list[str] = []
+        calls: list[tuple[str, int]] = []
+        server, address = await _serve({"encode": failing, "generate": _echo}, on_error=counted.append,
+                                        on_call=lambda method, status, seconds: calls.append((method, status)))
+        client = RpcClient()
+        try:
+            with pytest.raises(RpcFailed) as refused:
+                await client.call(address, "encode", [b"bad"])
+            assert refused.value.status == 400
+            error = json.loads(refused.value.body)["error"]
+            assert error["field"] == "images[0]" and "not a PNG" in error["message"]
+            with pytest.raises(RpcFailed) as crashed:
+                await client.call(address, "encode", [b"other"])
+            assert crashed.value.status == 500
+            assert b"secret" not in crashed.value.body
+            assert await client.call(address, "generate", [b"\x00ok"]) == b"ko\x00"
+            assert counted == ["malformed_message", "internal_error"]
+            assert calls == [("encode", 400), ("encode", 500), ("generate", 200)]
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_an_unknown_method_is_a_404() -> None:
+    async def scenario():
+        server, address = await _serve({"encode": _echo})
+        client = RpcClient()
+        try:
+            with pytest.raises(RpcFailed) as refused:
+                await client.call(address, "generate", [b"\x00"])
+            assert refused.value.status == 404
+            assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_sizes_are_bounded_both_ways_failing_one_call_only() -> None:
+    async def big_reply(payload: bytes) -> list[bytes]:
+        return [bytes(int(payload))]
+
+    async def scenario():
+        server, address = await _serve({"encode": _echo, "generate": big_reply}, max_frame_bytes=1000)
+        client = RpcClient(max_reply_bytes=500)
+        try:
+            with pytest.raises(RpcFailed) as too_large:
+                await client.call(address, "encode", [b"\x00", bytes(5000)])
+            assert too_large.value.status == 413
+            assert json.loads(too_large.value.body)["error"]["field"] == "body"
+            with pytest.raises(RpcProtocolError):
+                await client.call(address, "generate", [b"2000"])
+            # the same connection still serves calls
+            assert await client.call(address, "encode", [b"\x00ab"]) == b"ba\x00"
+            assert len(await client.call(address, "generate", [b"400"])) == 400
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_cancelled_call_cancels_the_servers_work() -> None:
+    async def scenario():
+        hang = HangingCall()
+        statuses: list[int] = []
+        server, address = await _serve({"generate": hang, "encode": _echo},
+                                       on_call=lambda method, status, seconds: statuses.append(status))
+        client = RpcClient()
+        try:
+            call = asyncio.ensure_future(client.call(address, "generate", [b"x"]))
+            await asyncio.wait_for(hang.started.wait(), 5)
+            call.cancel()
+            await asyncio.wait_for(hang.cancelled.wait(), 5)
+            assert statuses == [499]
+            assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_the_hello_must_carry_the_servers_token() -> None:
+    async def scenario():
+        server, address = await _serve(token="s3cret")
+        try:
+            for token in (None, "wrong"):
+                client = RpcClient(token=token)
+                with pytest.raises(RpcFailed) as refused:
+                    await client.call(address, "encode", [b"\x00a"])
+                assert refused.value.status == 401
+                await client.aclose()
+            client = RpcClient(token="s3cret")
+            assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
+            await client.aclose()
+        finally:
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_peer_speaking_another_protocol_is_disconnected() -> None:
+    async def scenario():
+        server, address = await _serve()
+        try:
+            reader, writer = await asyncio.open_connection(*address)
+            writer.write(b"GET /ready HTTP/1.1\r\nhost: x\r\n\r\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""  # closed, nothing answered
+            writer.close()
+        finally:
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_no_server_is_unavailable_and_a_lost_connection_fails_calls_in_flight() -> None:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed_port = probe.getsockname()[1]
+
+    async def scenario():
+        client = RpcClient(connect_timeout_s=2)
+        with pytest.raises(RpcUnavailable):
+            await client.call(("127.0.0.1", closed_port), "encode", [b"x"])
+        hang = HangingCall()
+        server, address = await _serve({"encode": hang, "generate": _echo})
+        call = asyncio.ensure_future(client.call(address, "encode", [b"x"]))
+        await asyncio.wait_for(hang.started.wait(), 5)
+        await server.stop(grace_s=0.05)
+        with pytest.raises(RpcConnectionLost):
+            await call
+        server, address = await _serve({"generate": _echo})
+        try:  # a fresh server: the client connects again
+            assert await client.call(address, "generate", [b"\x00b"]) == b"b\x00"
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
