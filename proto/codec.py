@@ -55,7 +55,8 @@ def encode_chunks(msg: Any) -> list[bytes | memoryview]:
     """Serialise a message as a list of byte chunks whose concatenation is msgpack.
 
     Large tensor payloads appear as memoryviews of the tensors themselves, so a
-    streaming writer (an HTTP response body) sends them without any copy.
+    streaming writer (an HTTP response body, a call frame) sends them without any copy;
+    everything between them is packed into one ``bytes`` chunk.
     """
     name = type(msg).__name__
     if MESSAGE_TYPES.get(name) is not type(msg):
@@ -64,7 +65,11 @@ def encode_chunks(msg: Any) -> list[bytes | memoryview]:
     body["v"] = WIRE_VERSION
     body["type"] = name
     chunks: list[bytes | memoryview] = []
-    _pack_into(body, msgpack.Packer(use_bin_type=True, autoreset=True), chunks)
+    packer = msgpack.Packer(use_bin_type=True, autoreset=False)  # small items gather in its buffer
+    _pack_into(body, packer, chunks)
+    tail = packer.bytes()
+    if tail:
+        chunks.append(tail)
     return chunks
 
 
@@ -87,22 +92,24 @@ def _bin_header(nbytes: int) -> bytes:
 
 def _pack_into(obj: Any, packer: msgpack.Packer, chunks: list[bytes | memoryview]) -> None:
     # msgpack.packb would copy each tensor into a growing buffer (reallocating as it
-    # doubles) and then copy the whole buffer into bytes; emitting the bin header and
-    # handing the tensor's memory through as its own chunk avoids both.
+    # doubles) and then copy the whole buffer into bytes; ending the packer's buffer
+    # with the bin header and handing the tensor's memory through as its own chunk
+    # avoids both.
     if isinstance(obj, dict):
-        chunks.append(packer.pack_map_header(len(obj)))
+        packer.pack_map_header(len(obj))
         for key, value in obj.items():
-            chunks.append(packer.pack(key))
+            packer.pack(key)
             _pack_into(value, packer, chunks)
     elif isinstance(obj, list):
-        chunks.append(packer.pack_array_header(len(obj)))
+        packer.pack_array_header(len(obj))
         for value in obj:
             _pack_into(value, packer, chunks)
     elif isinstance(obj, memoryview) and obj.nbytes > _INLINE_BIN_BYTES:
-        chunks.append(_bin_header(obj.nbytes))
+        chunks.append(packer.bytes() + _bin_header(obj.nbytes))
+        packer.reset()
         chunks.append(obj.cast("B"))
     else:
-        chunks.append(packer.pack(obj))
+        packer.pack(obj)
 
 
 class _ObjectCounter:
