@@ -36,6 +36,14 @@ def feature_blocks(image_features: FeatureForm) -> Iterator[torch.Tensor]:
             yield from block.unbind(0)  # [N, L, C] → N × [L, C]
 
 
+def all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or Inf in ``tensor``. For bfloat16, the wire's default, an exponent-bits test
+    on its int16 view: a quarter of ``torch.isfinite``'s CPU time, which converts."""
+    if tensor.dtype == torch.bfloat16:
+        return not bool(((tensor.view(torch.int16) & 0x7F80) == 0x7F80).any())
+    return bool(torch.isfinite(tensor).all())
+
+
 @dataclass(eq=False)
 class ImageForInsert:
     """Language-model insert payload for image / multicrop-patch features.
@@ -118,7 +126,7 @@ class ImageForInsert:
                 dim = block.shape[-1]
             elif block.shape[-1] != dim:
                 raise BadTensor(name, f"feature dim {block.shape[-1]} differs from the first block's {dim}")
-            if check_finite and not bool(torch.isfinite(block).all()):
+            if check_finite and not all_finite(block):
                 raise BadTensor(name, "features contain NaN or Inf")
 
     def _validate_rope(self, prefix: str) -> None:

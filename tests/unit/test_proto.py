@@ -265,3 +265,17 @@ def test_property_mutations_decode_or_raise_protocol_error(data):
     except ProtocolError:
         return
     assert type(msg) in proto.MESSAGE_TYPES.values()
+
+
+def test_the_bfloat16_finite_check_agrees_with_torch_isfinite_on_every_bit_pattern():
+    from proto.image_for_insert import all_finite
+
+    every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = torch.isfinite(every)
+    assert int((~finite).sum()) == 2 * 128  # exponent all ones: ±Inf and the NaNs, either sign
+    for value, expected in zip(every.tolist(), finite.tolist()):  # one value at a time, in a block
+        block = torch.zeros(2, 3, dtype=torch.bfloat16)
+        block[1, 2] = value
+        assert all_finite(block) is expected
+    assert all_finite(every[finite]) and not all_finite(every)
+    assert all_finite(torch.randn(4, 8)) and not all_finite(torch.tensor([1.0, float("nan")]))
