@@ -9,7 +9,10 @@ model, same machine, in one run, rounds interleaved:
 - ``monolithic``: vision tower → ImageInsertEmbedding → decoder in this process (two
   torch threads), the same closed loop: ``c`` clients means batches of ``c`` images;
 - ``decoupled_reuse50``: the decoupled system where half the images repeat an earlier
-  one, so the gateway's feature cache answers instead of the encoder.
+  one, so the gateway's feature cache answers instead of the encoder;
+- ``decoupled_http`` (lowest concurrency only): the same services behind a second
+  gateway that calls them over HTTP (``--internal-transport http``) instead of their
+  call channels, so the run also measures what the call channel saves on the wire.
 
 Besides latency and throughput, each point records the CPU time per request: of each
 service process (Linux ``/proc``) for the decoupled variants, of this process for the
@@ -35,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import RESULTS_DIR, write_result
 from encoder_server.model import resolve_device
+from services.common.procs import ServiceProcess
 from services.demo.pipeline import InProcessCaptioner
 from services.launcher import BUNDLED_MODEL, Stack, StackConfig
 from services.loadtest.images import GeneratedImages
@@ -80,6 +84,26 @@ def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse:
     return summary
 
 
+def http_gateway(stack: Stack, model: str) -> ServiceProcess:
+    """A second gateway over the same encoder and LM worker, calling them over HTTP."""
+    args = [arg for e in stack.encoders for arg in ("--encoder-url", e.url)]
+    args += [arg for w in stack.lm_workers for arg in ("--lm-url", w.url)]
+    gateway = ServiceProcess("gateway-http", ["gateway", *args, "--encoder-model", Path(model).name,
+                                              "--internal-transport", "http"],
+                             log_path=str(LOG_DIR / "gateway-http.log"))
+    return gateway.start().wait_ready()
+
+
+def wire_ms(samples: list[dict]) -> tuple[dict[str, float], float]:
+    """Median over rounds of each gateway stage's mean, and the wire's share of them."""
+    per_stage: dict[str, list[float]] = {}
+    for summary in samples:
+        for stage, dist in (summary.get("server_timings_ms") or {}).items():
+            per_stage.setdefault(stage, []).append(dist["mean"])
+    means = {stage: statistics.median(values) for stage, values in per_stage.items()}
+    return means, sum(means.get(stage, 0.0) for stage in WIRE_STAGES)
+
+
 def monolithic_point(captioner: InProcessCaptioner, concurrency: int, requests: int, seed: int) -> dict:
     images = GeneratedImages("scenes", 224, "png", seed=seed)
     data = [images.image(i).data for i in range(requests + concurrency)]
@@ -118,48 +142,67 @@ def main() -> None:
     captioner.decode_backend()  # built (and compiled) before any point is timed, as the worker's at start-up
     samples: dict[str, dict[int, list[dict]]] = {v: {c: [] for c in levels}
                                                  for v in ("decoupled", "monolithic", "decoupled_reuse50")}
+    http_samples: list[dict] = []
     with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(LOG_DIR),
                            lm_args=["--compile-steps", args.compile_steps])) as stack:
-        for round_index in range(args.rounds):
-            for concurrency in levels:
-                seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points
-                order = ["decoupled", "monolithic", "decoupled_reuse50"]
-                if round_index % 2:
-                    order.reverse()
-                for variant in order:
-                    if variant == "monolithic":
-                        summary = monolithic_point(captioner, concurrency, args.requests, seed)
-                    else:
-                        reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
-                        before = services_cpu(stack)
-                        summary = decoupled_point(stack.url, concurrency, args.requests,
-                                                  seed + (500 if reuse else 0), reuse)
-                        after = services_cpu(stack)
-                        # The services do nothing between points, so their CPU time over a
-                        # point is its requests' (warm-up's two included); the load tester's
-                        # own is left out: it also drew the point's images.
-                        summary["cpu_ms_per_request"] = {
-                            name: 1e3 * (after[name] - before[name]) / (args.requests + 2)
-                            for name in before if before[name] is not None and after.get(name) is not None}
-                    samples[variant][concurrency].append(summary)
-                    print(f"round {round_index} c={concurrency:<3} {variant:<18} "
-                          f"{summary['throughput']['requests_per_s']:.2f} req/s  "
-                          f"p50 {summary['latency_ms']['p50']:.0f} ms", flush=True)
+        over_http = http_gateway(stack, args.model)
+        try:
+            for round_index in range(args.rounds):
+                for concurrency in levels:
+                    run_point(stack, over_http, captioner, samples, http_samples, args, round_index, concurrency,
+                              lowest=concurrency == levels[0])
+        finally:
+            over_http.stop()
+    summarize_run(args, device, compile_steps, levels, samples, http_samples)
 
-    def median_of(variant: str, concurrency: int, *path: str) -> float:
+
+def run_point(stack: Stack, over_http: ServiceProcess, captioner: InProcessCaptioner,
+              samples: dict[str, dict[int, list[dict]]], http_samples: list[dict], args: argparse.Namespace,
+              round_index: int, concurrency: int, *, lowest: bool) -> None:
+    """Every variant at one concurrency, in an order that alternates between rounds."""
+    seed = 1000 * (round_index + 1) + concurrency  # fresh images: no cache hits across points
+    order = ["decoupled", "monolithic", "decoupled_reuse50", *(["decoupled_http"] if lowest else [])]
+    if round_index % 2:
+        order.reverse()
+    for variant in order:
+        if variant == "monolithic":
+            summary = monolithic_point(captioner, concurrency, args.requests, seed)
+        else:
+            reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
+            url = over_http.url if variant == "decoupled_http" else stack.url
+            before = services_cpu(stack)
+            summary = decoupled_point(url, concurrency, args.requests, seed + (500 if reuse else 0), reuse)
+            after = services_cpu(stack)
+            # The services do nothing between points, so their CPU time over a point is its
+            # requests' (warm-up's two included); the load tester's own is left out: it also
+            # drew the point's images. (The HTTP variant's gateway is another process: not counted.)
+            summary["cpu_ms_per_request"] = {
+                name: 1e3 * (after[name] - before[name]) / (args.requests + 2)
+                for name in before if before[name] is not None and after.get(name) is not None}
+        (http_samples if variant == "decoupled_http" else samples[variant][concurrency]).append(summary)
+        print(f"round {round_index} c={concurrency:<3} {variant:<18} {summary['throughput']['requests_per_s']:.2f} "
+              f"req/s  p50 {summary['latency_ms']['p50']:.0f} ms", flush=True)
+
+
+def summarize_run(args: argparse.Namespace, device: torch.device, compile_steps: bool, levels: list[int],
+                  samples: dict[str, dict[int, list[dict]]], http_samples: list[dict]) -> None:
+    def median_of(summaries: list[dict], *path: str) -> float:
         values = []
-        for summary in samples[variant][concurrency]:
+        for summary in summaries:
             value = summary
             for key in path:
                 value = value[key]
             values.append(value)
         return statistics.median(values)
 
+    def latency_row(summaries: list[dict]) -> dict[str, float]:
+        return {"requests_per_s": median_of(summaries, "throughput", "requests_per_s"),
+                "p50_ms": median_of(summaries, "latency_ms", "p50"), "p99_ms": median_of(summaries, "latency_ms", "p99"),
+                "mean_ms": median_of(summaries, "latency_ms", "mean")}
+
     table = {}
     for c in levels:
-        row = {v: {"requests_per_s": median_of(v, c, "throughput", "requests_per_s"),
-                   "p50_ms": median_of(v, c, "latency_ms", "p50"), "p99_ms": median_of(v, c, "latency_ms", "p99"),
-                   "mean_ms": median_of(v, c, "latency_ms", "mean")} for v in samples}
+        row = {v: latency_row(samples[v][c]) for v in samples}
         row["decoupled_over_monolithic"] = {
             "throughput": row["decoupled"]["requests_per_s"] / row["monolithic"]["requests_per_s"],
             "p50": row["decoupled"]["p50_ms"] / row["monolithic"]["p50_ms"],
@@ -172,19 +215,19 @@ def main() -> None:
             for variant in ("decoupled", "monolithic")}
         table[c] = row
 
-    stages_c1 = {}
-    for summary in samples["decoupled"][levels[0]]:
-        for stage, dist in (summary.get("server_timings_ms") or {}).items():
-            stages_c1.setdefault(stage, []).append(dist["mean"])
-    stage_means = {stage: statistics.median(values) for stage, values in stages_c1.items()}
-    wire_ms = sum(stage_means.get(stage, 0.0) for stage in WIRE_STAGES)
+    stage_means, wire = wire_ms(samples["decoupled"][levels[0]])
+    http_stage_means, http_wire = wire_ms(http_samples)
     latency_c1 = table[levels[0]]["decoupled"]["mean_ms"]
+    http_row = latency_row(http_samples)
     payload = {
         "config": vars(args) | {"device": str(device)},
         "table": {str(c): row for c, row in table.items()},
         "stage_means_ms_at_lowest_concurrency": stage_means,
-        "wire_overhead_ms_at_lowest_concurrency": wire_ms,
-        "wire_overhead_fraction_at_lowest_concurrency": wire_ms / latency_c1,
+        "wire_overhead_ms_at_lowest_concurrency": wire,
+        "wire_overhead_fraction_at_lowest_concurrency": wire / latency_c1,
+        "over_http_at_lowest_concurrency": {
+            **http_row, "stage_means_ms": http_stage_means, "wire_overhead_ms": http_wire,
+            "wire_overhead_fraction": http_wire / http_row["mean_ms"], "samples": http_samples},
         "samples": {v: {str(c): s for c, s in per.items()} for v, per in samples.items()},
         "targets": {"wire_overhead_fraction_at_c1": "<= 0.05", "throughput_ratio_at_c16": ">= 0.9",
                     "reuse50_mean_latency_cut": ">= 0.30"},
@@ -199,8 +242,8 @@ def main() -> None:
         ratio = row["decoupled_over_monolithic"]
         print(f"    decoupled/monolithic: throughput {ratio['throughput']:.2f}x, p50 {ratio['p50']:.2f}x, "
               f"p99 {ratio['p99']:.2f}x; 50% reuse cuts mean latency by {100 * row['reuse50_mean_latency_cut']:.0f}%")
-    print(f"wire + serialisation at c={levels[0]}: {wire_ms:.1f} ms of {latency_c1:.0f} ms "
-          f"({100 * wire_ms / latency_c1:.1f}%)\nwrote {path}")
+    print(f"wire + serialisation at c={levels[0]}: {wire:.1f} ms of {latency_c1:.0f} ms ({100 * wire / latency_c1:.1f}%); "
+          f"over HTTP {http_wire:.1f} ms of {http_row['mean_ms']:.0f} ms\nwrote {path}")
 
 
 def write_plot(table: dict, path: Path) -> None:

@@ -273,7 +273,7 @@ def test_the_bfloat16_finite_check_agrees_with_torch_isfinite_on_every_bit_patte
     every = torch.arange(-(1 << 15), 1 << 15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
     finite = torch.isfinite(every)
     assert int((~finite).sum()) == 2 * 128  # exponent all ones: ±Inf and the NaNs, either sign
-    for value, expected in zip(every.tolist(), finite.tolist()):  # one value at a time, in a block
+    for value, expected in zip(every.tolist(), finite.tolist(), strict=True):  # one value at a time, in a block
         block = torch.zeros(2, 3, dtype=torch.bfloat16)
         block[1, 2] = value
         assert all_finite(block) is expected
