@@ -219,6 +219,9 @@ def e2e_targets(result: dict) -> list[str]:
         "encoder that is most of the request (a large tower). "
         f"At c={levels[0]} the cut varies from round to round: {per_round_cuts(result, levels[0])} "
         "(the two variants caption different scenes, whose captions differ in length). "
+        f"Throughput at c={levels[-1]} moved from round to round between {spread(result, 'monolithic', levels[-1])} "
+        f"req/s (monolithic) and {spread(result, 'decoupled', levels[-1])} req/s (decoupled); the ratio is "
+        "the medians'. "
         "The decoupled design pays off when tiers scale on their own GPUs; these figures are the CPU floor.",
         "",
         *http_floor(wire * stages["total"], stages["total"], result.get("over_http_at_lowest_concurrency"),
@@ -239,6 +242,11 @@ def e2e_on_gpu(result: dict) -> list[str]:
                      "c images in one call (eagerly above 8), the LM worker prefills requests as they arrive, "
                      f"between decode steps ({stages['lm.prefill']:.1f} ms per request at c={level}).")
     return [" ".join(lines), ""]
+
+
+def spread(result: dict, variant: str, level: str) -> str:
+    rates = [s["throughput"]["requests_per_s"] for s in result["samples"][variant][level]]
+    return f"{min(rates):.0f} and {max(rates):.0f}"
 
 
 def per_round_cuts(result: dict, level: str) -> str:
