@@ -38,7 +38,7 @@ import struct
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
-from proto.errors import DescribedError
+from proto.errors import DescribedError, LimitExceeded
 from services.common.errors import error_body, status_of
 
 __all__ = [
@@ -63,6 +63,7 @@ HEADER = struct.Struct("!BIHI")  # type, call id, code, payload length
 CALL, CANCEL, REPLY, ERROR, HELLO = 1, 2, 3, 4, 5
 METHODS = {"encode": 1, "generate": 2}  # method name → id on the wire
 MAX_CALLS_PER_CONNECTION = 1024
+HELLO_TIMEOUT_S = 10.0  # a connection that has not said hello by then is closed
 
 Chunks = Sequence[bytes | memoryview]
 Handler = Callable[[bytes], Awaitable[Chunks]]
@@ -96,14 +97,15 @@ def _error_payload(exc: BaseException) -> bytes:
 
 class _Frames:
     """Splits a byte stream into ``(type, call id, code, payload)``; a payload longer
-    than ``max_payload`` comes out as ``None`` and its bytes are skipped as they arrive."""
+    than ``max_payload`` comes out as its length (an ``int``) and its bytes are skipped
+    as they arrive."""
 
     def __init__(self, max_payload: int) -> None:
         self.max_payload = max_payload
         self._buffer = bytearray()
         self._skip = 0
 
-    def feed(self, data: bytes) -> Iterator[tuple[int, int, int, bytes | None]]:
+    def feed(self, data: bytes) -> Iterator[tuple[int, int, int, bytes | int]]:
         if self._skip:
             skipped = min(self._skip, len(data))
             self._skip -= skipped
@@ -116,7 +118,7 @@ class _Frames:
                 available = min(length, len(buffer) - HEADER.size)
                 del buffer[: HEADER.size + available]
                 self._skip = length - available
-                yield kind, call_id, code, None
+                yield kind, call_id, code, length
                 continue
             end = HEADER.size + length
             if len(buffer) < end:
@@ -151,6 +153,7 @@ class RpcServer:
         self._server: asyncio.base_events.Server | None = None
         self._connections: set[_ServerConnection] = set()
         self.port: int | None = None
+        self.closing = False
 
     async def start(self, listen: RpcListen) -> int:
         """Listen; returns the port (the one the OS chose when ``listen.port`` is 0)."""
@@ -161,12 +164,18 @@ class RpcServer:
         return self.port
 
     async def stop(self, grace_s: float = 10.0) -> None:
-        """Stop accepting, let calls in flight finish (up to ``grace_s``), then close."""
+        """Stop accepting connections and calls (a new call is answered 503, which the
+        gateway retries elsewhere), let calls in flight finish (up to ``grace_s``), close."""
+        self.closing = True
         if self._server is not None:
             self._server.close()
-        tasks = [task for connection in self._connections for task in connection.calls.values()]
-        if tasks:
-            await asyncio.wait(tasks, timeout=grace_s)
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while True:
+            tasks = [task for connection in self._connections for task in connection.calls.values()]
+            remaining = deadline - asyncio.get_running_loop().time()
+            if not tasks or remaining <= 0:
+                break
+            await asyncio.wait(tasks, timeout=remaining)
         for connection in list(self._connections):
             connection.close()
         if self._server is not None:
@@ -174,7 +183,8 @@ class RpcServer:
             self._server = None
 
     def token_ok(self, presented: bytes) -> bool:
-        return hmac.compare_digest(presented, self._token)
+        """The hello's token; any is fine where none is required (as HTTP ignores the header)."""
+        return not self._token or hmac.compare_digest(presented, self._token)
 
 
 class _ServerConnection(asyncio.Protocol):
@@ -190,11 +200,23 @@ class _ServerConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
         self.server._connections.add(self)
+        self._hello_deadline = self._loop.call_later(HELLO_TIMEOUT_S, self.close)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server._connections.discard(self)
-        for task in self.calls.values():  # nobody is left to read the answers
+        self._hello_deadline.cancel()
+        for task in list(self.calls.values()):  # nobody is left to read the answers
             task.cancel()
+
+    # A peer that does not read its replies stops being read: no new calls are taken
+    # while the replies already written wait in the transport's buffer.
+    def pause_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
 
     def close(self) -> None:
         if self.transport is not None:
@@ -242,34 +264,36 @@ class _ServerConnection(asyncio.Protocol):
             self.close()
             return b""
         self._greeted = True
+        self._hello_deadline.cancel()
         self._send(HELLO, 0, 200, [])
         return rest
 
-    def _call(self, call_id: int, code: int, payload: bytes | None) -> None:
+    def _call(self, call_id: int, code: int, payload: bytes | int) -> None:
         entry = self.server.handlers.get(code)
-        if payload is None:
-            error = _Refused(413, "payload_too_large",
-                             f"the request is larger than the limit of {self.server.max_frame_bytes} bytes",
-                             field="body")
+        if isinstance(payload, int):  # the same refusal as an HTTP body over the limit
+            error = LimitExceeded("body", "size in bytes", payload, self.server.max_frame_bytes)
         elif entry is None:
             error = _Refused(404, "unknown_method", f"no method with id {code} here")
         elif call_id in self.calls:
             error = _Refused(400, "invalid_request", f"call id {call_id} is already in flight")
+        elif self.server.closing:
+            error = _Refused(503, "overloaded", "the service is shutting down")
         elif len(self.calls) >= MAX_CALLS_PER_CONNECTION:
             error = _Refused(503, "overloaded", f"more than {MAX_CALLS_PER_CONNECTION} calls in flight")
         else:
             name, handler = entry
-            self.calls[call_id] = self._loop.create_task(self._run(call_id, name, handler, payload))
+            started = self._loop.time()
+            task = self._loop.create_task(self._run(call_id, name, handler, payload, started))
+            # Forgotten when done, however it ends: a call cancelled before its first step
+            # never runs its own code, and must not hold a slot of this connection forever.
+            task.add_done_callback(lambda done: self._forget(call_id, done, name, started))
+            self.calls[call_id] = task
             return
         self._fail(call_id, error, method=entry[0] if entry else "unknown", started=self._loop.time())
 
-    async def _run(self, call_id: int, method: str, handler: Handler, payload: bytes) -> None:
-        started = self._loop.time()
+    async def _run(self, call_id: int, method: str, handler: Handler, payload: bytes, started: float) -> None:
         try:
             chunks = await handler(payload)
-        except asyncio.CancelledError:
-            self._record(method, 499, started)
-            raise
         except Exception as exc:
             if status_of(exc) >= 500:
                 logger.exception("%s call failed", method)
@@ -277,8 +301,12 @@ class _ServerConnection(asyncio.Protocol):
         else:
             self._send(REPLY, call_id, 200, chunks)
             self._record(method, 200, started)
-        finally:
-            self.calls.pop(call_id, None)
+
+    def _forget(self, call_id: int, task: asyncio.Task, method: str, started: float) -> None:
+        if self.calls.get(call_id) is task:
+            del self.calls[call_id]
+        if task.cancelled():
+            self._record(method, 499, started)
 
     def _fail(self, call_id: int, exc: BaseException, *, method: str, started: float) -> None:
         status = status_of(exc)
@@ -357,12 +385,12 @@ class _ClientConnection(asyncio.Protocol):
                     self.greeted.set_result(None)
                 continue
             if kind == ERROR and call_id == 0 and not self.greeted.done():
-                self.greeted.set_exception(RpcFailed(code, payload or b""))
+                self.greeted.set_exception(RpcFailed(code, payload if isinstance(payload, bytes) else b""))
                 continue
             future = self.pending.pop(call_id, None)
             if future is None or future.done():
                 continue  # a call its caller gave up on
-            if payload is None:
+            if isinstance(payload, int):
                 future.set_exception(RpcProtocolError(
                     f"the reply is larger than the limit of {self.frames.max_payload} bytes"))
             elif kind == REPLY:
@@ -373,6 +401,8 @@ class _ClientConnection(asyncio.Protocol):
                 future.set_exception(RpcProtocolError(f"unexpected frame type {kind}"))
 
     def call(self, method_id: int, chunks: Chunks) -> tuple[int, asyncio.Future]:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise RpcUnavailable("the connection closed before the call was sent")
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: 0 is the hello's
         call_id = self._next_id
         future = asyncio.get_running_loop().create_future()

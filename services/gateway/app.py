@@ -20,6 +20,7 @@ import httpx
 from fastapi import FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+import proto
 from services.common.auth import INTERNAL_TOKEN_HEADER
 from services.common.rpc import RpcClient
 from services.common.transport import AiohttpTransport, LeanClient
@@ -116,7 +117,8 @@ def build_state(settings: GatewaySettings, transports: Transports | None = None)
     encoder_transport = _encoder_transport(settings)
     # The call channel, where the tiers offer one: not for a KServe encoder, nor for
     # downstreams swapped for test fakes (they have no port to call).
-    rpc = RpcClient(token=settings.internal_token, connect_timeout_s=settings.connect_timeout_s) \
+    rpc = RpcClient(token=settings.internal_token, connect_timeout_s=settings.connect_timeout_s,
+                    max_reply_bytes=proto.DEFAULT_LIMITS.max_message_bytes) \
         if settings.internal_transport == "auto" else None
     encoder_rpc = rpc is not None and transports.encoder is None and isinstance(encoder_transport,
                                                                                  NativeEncoderTransport)

@@ -31,6 +31,8 @@ __all__ = ["Endpoint", "EndpointPool"]
 
 logger = logging.getLogger(__name__)
 
+RPC_CONNECT_IN_PROBE_S = 1.0  # how long a probe waits to connect to a newly reported call channel
+
 
 @dataclass(eq=False)
 class Endpoint:
@@ -158,11 +160,14 @@ class EndpointPool:
             return
         if port == endpoint.rpc_port or not endpoint.rpc_usable(port):
             return
-        try:  # a channel that cannot be reached costs this probe its connect timeout, not a request
-            await self.rpc.connect((endpoint.host, port))  # type: ignore[union-attr]
-        except RpcError as exc:
+        # A channel that cannot be reached costs this probe a bounded wait, not a request
+        # (and keeps the gateway's own /ready, which probes, within a healthcheck's timeout).
+        try:
+            await asyncio.wait_for(self.rpc.connect((endpoint.host, port)),  # type: ignore[union-attr]
+                                   min(RPC_CONNECT_IN_PROBE_S, self.probe_timeout.connect or RPC_CONNECT_IN_PROBE_S))
+        except (RpcError, asyncio.TimeoutError) as exc:
             endpoint.rpc_port = port
-            endpoint.rpc_failed(str(exc))
+            endpoint.rpc_failed(str(exc) or "no answer to the connection")
             return
         logger.info("%s endpoint %s: calls over its channel on port %d", self.name, endpoint.url, port)
         endpoint.rpc_port = port

@@ -8,7 +8,9 @@ header, so a matrix sends hundreds of them in seconds.
 
 from __future__ import annotations
 
+import asyncio
 import io
+import json
 import math
 import struct
 import zlib
@@ -21,6 +23,7 @@ import numpy as np
 from PIL import Image
 
 from services.common.procs import ServiceProcess
+from services.common.rpc import RpcClient, RpcFailed
 from services.launcher import BUNDLED_MODEL
 
 __all__ = [
@@ -28,6 +31,7 @@ __all__ = [
     "CONVERTIBLE_IMAGES",
     "JPEG",
     "PNG",
+    "assert_call_refused",
     "assert_refused",
     "deeply_nested",
     "encode_image",
@@ -160,6 +164,29 @@ def assert_refused(response: httpx.Response, status: int, field: str, fragment: 
     assert response.status_code == status, response.text
     assert response.headers["content-type"].startswith("application/json"), response.headers
     error = response.json()["error"]
+    assert error["field"] == field, error
+    assert fragment in error["message"] and error["type"], error
+    return error
+
+
+def assert_call_refused(url: str, method: str, body: bytes, status: int, field: str, fragment: str) -> dict:
+    """The same refusal as :func:`assert_refused`, for ``body`` sent as one call over the
+    service's call channel (the port its ``/ready`` reports)."""
+    address = ("127.0.0.1", httpx.get(url + "/ready", timeout=30).json()["rpc_port"])
+
+    async def call() -> RpcFailed:
+        client = RpcClient()
+        try:
+            await client.call(address, method, [body])
+        except RpcFailed as refused:
+            return refused
+        finally:
+            await client.aclose()
+        raise AssertionError(f"the {method} call was not refused")
+
+    refused = asyncio.run(call())
+    assert refused.status == status, refused.body
+    error = json.loads(refused.body)["error"]
     assert error["field"] == field, error
     assert fragment in error["message"] and error["type"], error
     return error

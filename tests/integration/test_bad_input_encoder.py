@@ -28,6 +28,7 @@ from malformed import (
     CONVERTIBLE_IMAGES,
     JPEG,
     PNG,
+    assert_call_refused,
     assert_refused,
     deeply_nested,
     jpeg_declaring,
@@ -277,6 +278,17 @@ def test_bad_native_request_is_a_named_4xx_and_the_encoder_keeps_serving(
     bad = NATIVE[case]
     response = http.post("/v1/encode", content=bad.body, headers=bad.headers, params=dict(bad.params))
     assert_refused(response, bad.status, bad.field, bad.fragment)
+    assert_still_serving(http, reference)
+
+
+OVER_THE_CALL_CHANNEL = [case for case, bad in NATIVE.items() if bad.headers == MSGPACK and not bad.params]
+
+
+@pytest.mark.parametrize("case", OVER_THE_CALL_CHANNEL)
+def test_bad_encode_call_is_the_same_named_4xx_and_the_encoder_keeps_serving(
+        encoder: ServiceProcess, http: httpx.Client, reference: torch.Tensor, case: str) -> None:
+    bad = NATIVE[case]
+    assert_call_refused(encoder.url, "encode", bad.body, bad.status, bad.field, bad.fragment)
     assert_still_serving(http, reference)
 
 

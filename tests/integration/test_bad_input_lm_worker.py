@@ -19,7 +19,7 @@ import msgpack
 import numpy as np
 import pytest
 import torch
-from malformed import assert_refused, deeply_nested, serving
+from malformed import assert_call_refused, assert_refused, deeply_nested, serving
 from malformed import wire_tensor as tensor
 
 import proto
@@ -256,4 +256,12 @@ def test_bad_generate_request_is_a_named_4xx_and_the_worker_keeps_serving(
     bad = BAD[case]
     response = http.post("/v1/generate", content=bad.body, headers=dict(bad.headers))
     assert_refused(response, bad.status, bad.field, bad.fragment)
+    assert_still_serving(http, reference)
+
+
+@pytest.mark.parametrize("case", [case for case, bad in BAD.items() if dict(bad.headers) == MSGPACK])
+def test_bad_generate_call_is_the_same_named_4xx_and_the_worker_keeps_serving(
+        worker: ServiceProcess, http: httpx.Client, reference: list[int], case: str) -> None:
+    bad = BAD[case]
+    assert_call_refused(worker.url, "generate", bad.body, bad.status, bad.field, bad.fragment)
     assert_still_serving(http, reference)

@@ -68,7 +68,7 @@ def test_a_frame_over_the_limit_is_reported_and_skipped_whatever_the_split() -> 
         stream, out = big + small, []
         for position in range(0, len(stream), step):
             out += list(parser.feed(stream[position:position + step]))
-        assert out == [(rpc.CALL, 1, 1, None), (rpc.CALL, 2, 1, b"abc")]
+        assert out == [(rpc.CALL, 1, 1, 5000), (rpc.CALL, 2, 1, b"abc")]
 
 
 def test_concurrent_calls_on_one_connection_are_answered_out_of_order() -> None:
@@ -239,6 +239,110 @@ def test_no_server_is_unavailable_and_a_lost_connection_fails_calls_in_flight() 
         server, address = await _serve({"generate": _echo})
         try:  # a fresh server: the client connects again
             assert await client.call(address, "generate", [b"\x00b"]) == b"b\x00"
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+async def _raw_hello(address: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A hand-made client: connected, hello sent and answered."""
+    reader, writer = await asyncio.open_connection(*address)
+    writer.write(rpc.MAGIC + rpc._TOKEN_LENGTH.pack(0))
+    kind, _call_id, _code, _length = HEADER.unpack(await reader.readexactly(HEADER.size))
+    assert kind == rpc.HELLO
+    return reader, writer
+
+
+def test_a_call_cancelled_before_it_starts_frees_its_place() -> None:
+    async def scenario():
+        statuses: list[int] = []
+        server, address = await _serve({"encode": _echo}, on_call=lambda method, status, seconds: statuses.append(status))
+        try:
+            reader, writer = await _raw_hello(address)
+            # CALL and CANCEL in one write: the server reads both before the call's first step
+            frames = b"".join(HEADER.pack(rpc.CALL, i, rpc.METHODS["encode"], 2) + b"\x00a"
+                              + HEADER.pack(rpc.CANCEL, i, 0, 0) for i in range(1, 6))
+            writer.write(frames + HEADER.pack(rpc.CALL, 9, rpc.METHODS["encode"], 2) + b"\x00b")
+            kind, call_id, code, length = HEADER.unpack(await reader.readexactly(HEADER.size))
+            assert (kind, call_id, code, await reader.readexactly(length)) == (rpc.REPLY, 9, 200, b"b\x00")
+            (connection,) = server._connections
+            assert connection.calls == {}
+            assert sorted(statuses) == [200, 499, 499, 499, 499, 499]
+            writer.close()
+        finally:
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_peer_that_does_not_read_its_replies_stops_being_read() -> None:
+    async def scenario():
+        started: list[int] = []
+
+        async def big(payload: bytes) -> list[bytes]:
+            started.append(1)
+            return [bytes(1 << 20)]
+
+        server, address = await _serve({"encode": big})
+        try:
+            reader, writer = await _raw_hello(address)
+            for i in range(1, 201):
+                writer.write(HEADER.pack(rpc.CALL, i, rpc.METHODS["encode"], 1) + b"x")
+                await asyncio.sleep(0.002)
+            assert len(started) < 200  # the server stopped taking calls while its replies waited
+            replies = 0
+            while replies < 200:  # reading lets it go on: every call is answered
+                kind, _call_id, _code, length = HEADER.unpack(await asyncio.wait_for(reader.readexactly(HEADER.size), 10))
+                await reader.readexactly(length)
+                replies += kind == rpc.REPLY
+            assert len(started) == 200
+            writer.close()
+        finally:
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_stopping_refuses_new_calls_as_busy_and_lets_running_ones_finish() -> None:
+    async def scenario():
+        release = asyncio.Event()
+
+        async def slow(payload: bytes) -> list[bytes]:
+            await release.wait()
+            return [b"done"]
+
+        server, address = await _serve({"generate": slow, "encode": _echo})
+        client = RpcClient()
+        try:
+            running = asyncio.ensure_future(client.call(address, "generate", [b"x"]))
+            await asyncio.sleep(0.05)
+            stopping = asyncio.ensure_future(server.stop(grace_s=5))
+            await asyncio.sleep(0.05)
+            with pytest.raises(RpcFailed) as busy:
+                await client.call(address, "encode", [b"\x00a"])
+            assert busy.value.status == 503  # the gateway tries another endpoint
+            release.set()
+            assert await running == b"done"
+            await stopping
+        finally:
+            await client.aclose()
+
+    _run(scenario())
+
+
+def test_a_server_without_a_token_takes_a_hello_with_one_and_a_silent_peer_is_closed(monkeypatch) -> None:
+    monkeypatch.setattr(rpc, "HELLO_TIMEOUT_S", 0.1)
+
+    async def scenario():
+        server, address = await _serve()
+        client = RpcClient(token="unneeded")
+        try:
+            assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
+            reader, writer = await asyncio.open_connection(*address)  # says nothing
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+            writer.close()
         finally:
             await client.aclose()
             await server.stop()
