@@ -76,8 +76,11 @@ def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse:
     workload = Workload(WorkloadConfig(endpoint="captions", reuse=reuse, seed=seed, max_tokens=48),
                         GeneratedImages("scenes", 224, "png", seed=seed))
     tester = LoadTester(settings, workload)
+    client_cpu = time.thread_time()  # this thread runs the client; the bodies are built on another
     (result,) = asyncio.run(tester.run([LoadPoint(concurrency=concurrency)]))
+    client_cpu = time.thread_time() - client_cpu
     summary = summarize(result.records, not_sent=result.not_sent)
+    summary["client_cpu_ms_per_request"] = 1e3 * client_cpu / (requests + settings.warmup_requests)
     counts = summary["requests"]
     if counts["ok"] != requests:  # a point that lost requests measures the failure, not the system
         raise RuntimeError(f"c={concurrency}, reuse {reuse}: {counts} (see the services' logs in {LOG_DIR})")
@@ -174,8 +177,8 @@ def run_point(stack: Stack, over_http: ServiceProcess, captioner: InProcessCapti
             summary = decoupled_point(url, concurrency, args.requests, seed + (500 if reuse else 0), reuse)
             after = services_cpu(stack)
             # The services do nothing between points, so their CPU time over a point is its
-            # requests' (warm-up's two included); the load tester's own is left out: it also
-            # drew the point's images. (The HTTP variant's gateway is another process: not counted.)
+            # requests' (warm-up's two included); the load tester's client is counted apart
+            # (client_cpu_ms_per_request). (The HTTP variant's gateway is another process: not counted.)
             summary["cpu_ms_per_request"] = {
                 name: 1e3 * (after[name] - before[name]) / (args.requests + 2)
                 for name in before if before[name] is not None and after.get(name) is not None}
@@ -213,6 +216,8 @@ def summarize_run(args: argparse.Namespace, device: torch.device, compile_steps:
             variant: {name: statistics.median(s["cpu_ms_per_request"][name] for s in samples[variant][c])
                       for name in samples[variant][c][0].get("cpu_ms_per_request", {})}
             for variant in ("decoupled", "monolithic")}
+        row["client_cpu_ms_per_request"] = statistics.median(s["client_cpu_ms_per_request"]
+                                                             for s in samples["decoupled"][c])
         table[c] = row
 
     stage_means, wire = wire_ms(samples["decoupled"][levels[0]])

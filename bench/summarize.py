@@ -175,15 +175,21 @@ def e2e_cpu_time(result: dict) -> list[str]:
     if not all("cpu_ms_per_request" in row for row in table.values()):
         return []
     names = sorted({name for row in table.values() for name in row["cpu_ms_per_request"]["decoupled"]})
-    rows = [f"| c | {' | '.join(names)} | services together | monolithic process |",
-            "| ---: |" + " ---: |" * (len(names) + 2)]
+    client = all("client_cpu_ms_per_request" in row for row in table.values())
+    rows = [f"| c | {' | '.join(names)} | services together |{' load tester (client) |' if client else ''} "
+            "monolithic process |",
+            "| ---: |" + " ---: |" * (len(names) + 2 + client)]
     for c, row in table.items():
         cpu = row["cpu_ms_per_request"]
         services = [cpu["decoupled"].get(name, float("nan")) for name in names]
-        rows.append(f"| {c} | {' | '.join(f'{value:.1f}' for value in services)} | {sum(services):.1f} | "
-                    f"{cpu['monolithic']['monolithic']:.1f} |")
-    return ["CPU time per request (ms, user + system, median of rounds; the load tester's own is not counted, "
-            "and the monolithic process's torch threads count their spin-waits):", "", *rows, ""]
+        client_cell = f" {row['client_cpu_ms_per_request']:.1f} |" if client else ""
+        rows.append(f"| {c} | {' | '.join(f'{value:.1f}' for value in services)} | {sum(services):.1f} |"
+                    f"{client_cell} {cpu['monolithic']['monolithic']:.1f} |")
+    counted = ("the load tester's HTTP client is counted apart (its thread's CPU; it shares the two cores with "
+               "the services, while the monolithic loop has no client)" if client else
+               "the load tester's own is not counted")
+    return [f"CPU time per request (ms, user + system, median of rounds; {counted}; the monolithic process's "
+            "torch threads count their spin-waits):", "", *rows, ""]
 
 
 def e2e_targets(result: dict) -> list[str]:
