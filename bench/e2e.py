@@ -87,12 +87,9 @@ def decoupled_point(url: str, concurrency: int, requests: int, seed: int, reuse:
     return summary
 
 
-def http_gateway(stack: Stack, model: str) -> ServiceProcess:
+def http_gateway(stack: Stack) -> ServiceProcess:
     """A second gateway over the same encoder and LM worker, calling them over HTTP."""
-    args = [arg for e in stack.encoders for arg in ("--encoder-url", e.url)]
-    args += [arg for w in stack.lm_workers for arg in ("--lm-url", w.url)]
-    gateway = ServiceProcess("gateway-http", ["gateway", *args, "--encoder-model", Path(model).name,
-                                              "--internal-transport", "http"],
+    gateway = ServiceProcess("gateway-http", stack.gateway_command("--internal-transport", "http"),
                              log_path=str(LOG_DIR / "gateway-http.log"))
     return gateway.start().wait_ready()
 
@@ -148,7 +145,7 @@ def main() -> None:
     http_samples: list[dict] = []
     with Stack(StackConfig(model=args.model, device=str(device), log_dir=str(LOG_DIR),
                            lm_args=["--compile-steps", args.compile_steps])) as stack:
-        over_http = http_gateway(stack, args.model)
+        over_http = http_gateway(stack)
         try:
             for round_index in range(args.rounds):
                 for concurrency in levels:

@@ -7,9 +7,10 @@ the LM worker (keep-alive, one request at a time) from three clients in the same
 ``httpx.AsyncClient`` over httpx's own transport, the same client over the gateway's
 ``AiohttpTransport``, and the gateway's ``LeanClient`` over that transport. Besides
 the round trip it records the client's own CPU time per call (its thread's). Every
-request the gateway serves makes two such calls, so twice this is the part of
-``transfer`` (bench/e2e.py) that no serialisation change removes: the floor of the
-wire overhead on this machine with this HTTP stack.
+request the gateway serves makes two such calls, so over HTTP (``--internal-transport
+http``) twice this is the part of ``transfer`` (bench/e2e.py) that no serialisation
+change removes. By default the gateway calls its tiers over their call channel
+(``services/common/rpc.py``), which skips these HTTP stacks.
 """
 
 from __future__ import annotations

@@ -66,6 +66,12 @@ class Stack:
         spin against each other and can run several times slower than one thread each."""
         return max(1, (os.cpu_count() or 1) // (self.config.encoder_replicas + self.config.lm_replicas))
 
+    def gateway_command(self, *extra: str) -> list[str]:
+        """``gateway`` over this stack's encoders and LM workers (started), then ``extra``."""
+        args = [arg for e in self.encoders for arg in ("--encoder-url", e.url)]
+        args += [arg for w in self.lm_workers for arg in ("--lm-url", w.url)]
+        return ["gateway", *args, "--encoder-model", Path(self.config.model).name, *extra]
+
     def _service(self, name: str, command: list[str], port: int = 0) -> ServiceProcess:
         return ServiceProcess(name, command, host=self.config.host, port=port,
                               log_path=str(self.log_dir / f"{name}.log"))
@@ -86,10 +92,7 @@ class Stack:
                 service.start()
             with ThreadPoolExecutor(len(downstream)) as pool:
                 list(pool.map(lambda s: s.wait_ready(self.config.ready_timeout_s), downstream))
-            gateway_args = [arg for e in self.encoders for arg in ("--encoder-url", e.url)]
-            gateway_args += [arg for w in self.lm_workers for arg in ("--lm-url", w.url)]
-            gateway_args += ["--encoder-model", Path(self.config.model).name]
-            self.gateway = self._service("gateway", ["gateway", *gateway_args, *self.config.gateway_args],
+            self.gateway = self._service("gateway", self.gateway_command(*self.config.gateway_args),
                                          port=self.config.gateway_port)
             if self.config.api_key:  # through the environment: argv is visible to every user in ps
                 self.gateway.env["STEP37_API_KEY"] = self.config.api_key

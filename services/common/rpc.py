@@ -400,8 +400,12 @@ class _ClientConnection(asyncio.Protocol):
             else:
                 future.set_exception(RpcProtocolError(f"unexpected frame type {kind}"))
 
+    @property
+    def usable(self) -> bool:
+        return not self.closed and self.transport is not None and not self.transport.is_closing()
+
     def call(self, method_id: int, chunks: Chunks) -> tuple[int, asyncio.Future]:
-        if self.closed or self.transport is None or self.transport.is_closing():
+        if not self.usable:
             raise RpcUnavailable("the connection closed before the call was sent")
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: 0 is the hello's
         call_id = self._next_id
@@ -437,9 +441,7 @@ class RpcClient:
         self._connecting: dict[tuple[str, int], asyncio.Task] = {}
 
     async def call(self, address: tuple[str, int], method: str, chunks: Chunks) -> bytes:
-        connection = self._connections.get(address)
-        if connection is None or connection.closed or connection.transport.is_closing():
-            connection = await self._connect(address)
+        connection = await self._open_connection(address)
         call_id, future = connection.call(METHODS[method], chunks)
         try:
             return await future
@@ -450,9 +452,13 @@ class RpcClient:
     async def connect(self, address: tuple[str, int]) -> None:
         """Open the connection to ``address`` now, unless one is open (``RpcUnavailable``,
         ``RpcFailed`` when the hello is refused)."""
+        await self._open_connection(address)
+
+    async def _open_connection(self, address: tuple[str, int]) -> _ClientConnection:
         connection = self._connections.get(address)
-        if connection is None or connection.closed or connection.transport.is_closing():
-            await self._connect(address)
+        if connection is None or not connection.usable:
+            connection = await self._connect(address)
+        return connection
 
     async def _connect(self, address: tuple[str, int]) -> _ClientConnection:
         task = self._connecting.get(address)

@@ -279,3 +279,14 @@ def test_the_bfloat16_finite_check_agrees_with_torch_isfinite_on_every_bit_patte
         assert all_finite(block) is expected
     assert all_finite(every[finite]) and not all_finite(every)
     assert all_finite(torch.randn(4, 8)) and not all_finite(torch.tensor([1.0, float("nan")]))
+
+
+def test_encode_chunks_keeps_tensor_payloads_apart_and_packs_the_rest_together():
+    features = torch.randn(2, 16, 256).to(torch.bfloat16)  # 16 KiB: large enough to pass through uncopied
+    request = GenerateRequest(request_id="r", prompt="<image> and <image> describe",
+                              images=[ImageForInsert(4, image_features=features)],
+                              sampling=SamplingParams(max_new_tokens=8))
+    chunks = proto.encode_chunks(request)
+    assert [type(chunk) for chunk in chunks] == [bytes, memoryview, bytes]
+    assert chunks[1].nbytes == features.numel() * 2
+    assert proto.decode(b"".join(chunks), expect=GenerateRequest).images[0].image_features.equal(features)
