@@ -63,6 +63,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--compile-steps", default=_default("compile_steps"), choices=["on", "off"],
                 help="on: decode steps and prefills compiled by Inductor at start-up, the CPU's "
                      "counterpart of CUDA graphs (up to a minute or so on two cores; needs g++)")
+    add_setting(parser, "--prefix-cache-mb", default=_default("prefix_cache_mb"), type=int,
+                help="memory for the keys and values of earlier prompts' prefixes, reused by prompts that "
+                     "start the same way (the same image and text before it); 0: off")
+    add_setting(parser, "--prefix-block-size", default=_default("prefix_block_size"), type=int,
+                help="prompt positions per cached prefix block")
     add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
                 help="largest accepted request body")
     add_setting(parser, "--internal-token", default=None, secret=True, type=_optional,

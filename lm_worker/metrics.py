@@ -37,6 +37,11 @@ class LMWorkerMetrics:
         self.step_seconds = Histogram("lm_worker_step_seconds", "Model call duration by phase",
                                       ["phase"], buckets=LATENCY_BUCKETS_S, registry=r)
         self.prefill_tokens = Counter("lm_worker_prefill_tokens", "Prompt tokens prefilled", registry=r)
+        self.prefix_cache_queries = Counter("lm_worker_prefix_cache_queried_tokens",
+                                            "Prompt tokens looked up in the prefix cache", registry=r)
+        self.prefix_cache_hits = Counter("lm_worker_prefix_cache_hit_tokens",
+                                         "Prompt tokens copied from the prefix cache instead of prefilled",
+                                         registry=r)
         self.generated_tokens = Counter("lm_worker_generated_tokens", "Tokens generated", registry=r)
         self.stage_seconds = Histogram("lm_worker_request_stage_seconds", "Per-request latency by stage",
                                        ["stage"], buckets=LATENCY_BUCKETS_S, registry=r)
@@ -60,6 +65,10 @@ class LMWorkerMetrics:
     def on_prefill(self, sequences: int, tokens: int, seconds: float) -> None:
         self.step_seconds.labels("prefill").observe(seconds)
         self.prefill_tokens.inc(tokens)
+
+    def on_prefix_cache(self, query_tokens: int, hit_tokens: int) -> None:
+        self.prefix_cache_queries.inc(query_tokens)
+        self.prefix_cache_hits.inc(hit_tokens)
 
     def on_decode(self, batch_size: int, seconds: float) -> None:
         self.batch_size.observe(batch_size)

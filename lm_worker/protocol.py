@@ -57,6 +57,7 @@ class FinalEvent(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float]
+    cached_tokens: int = 0
 
 
 def _sse(payload: BaseModel | dict[str, Any], event: str | None = None) -> bytes:
@@ -79,7 +80,7 @@ def sse_events(request_id: str, event: StreamEvent) -> list[bytes]:
     frames.append(_sse(FinalEvent(
         request_id=request_id, finish_reason=event.finish_reason or "abort",
         prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-        timings=event.timings,
+        timings=event.timings, cached_tokens=event.cached_tokens,
     )))
     return frames
 

@@ -34,6 +34,7 @@ from concurrent.futures import Future
 
 from lm_worker.errors import ClientError, ContextLengthExceeded, EngineError, EngineUnavailable
 from lm_worker.inbox import RequestInbox
+from lm_worker.prefix_cache import PrefixCache
 from lm_worker.runner import ModelRunner
 from lm_worker.sampling import FINISH_ABORT, SamplingState, SequenceOutput, TokenChunk
 from lm_worker.sequence import (
@@ -68,7 +69,10 @@ class Scheduler:
         max_waiting: int = 256,
         max_prefill_tokens: int = 4096,
         observer: SchedulerObserver | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
+        """``prefix_cache``: blocks of earlier prompts to start newcomers from (their
+        ``SequenceRequest.prefix_keys`` name them); None prefills every prompt whole."""
         if max_batch_size < 1 or max_waiting < 0 or max_prefill_tokens < 1:
             raise ValueError(
                 f"need max_batch_size >= 1, max_waiting >= 0, max_prefill_tokens >= 1; got "
@@ -81,6 +85,7 @@ class Scheduler:
         self.max_batch_size = min(max_batch_size, self.backend.num_free_slots)
         self.max_prefill_tokens = max_prefill_tokens
         self.observer: SchedulerObserver = observer or NullObserver()
+        self.prefix_cache = prefix_cache
         self.inbox = RequestInbox(max_waiting)
         self._running: list[ScheduledSequence] = []  # engine thread only
         self._outbox = EventOutbox()  # engine thread only
@@ -190,15 +195,17 @@ class Scheduler:
         for seq in newcomers:
             seq.admitted_s = start
             try:
-                embeddings.append(self.runner.embed(seq.request.prompt_ids, seq.request.images))
+                embedding = self.runner.embed(seq.request.prompt_ids, seq.request.images)  # [S, H]
+                seq.slot = self.backend.allocate()
+                seq.cached_tokens = self._start_from_cache(seq)
             except (ClientError, ProtocolError) as exc:  # this request's images do not fit
                 self._fail(seq, exc)
                 continue
             except Exception as exc:
-                logger.exception("fusing request %s failed", seq.request.request_id)
+                logger.exception("admitting request %s failed", seq.request.request_id)
                 self._fail(seq, EngineError("", f"embedding failed: {type(exc).__name__}"))
                 continue
-            seq.slot = self.backend.allocate()
+            embeddings.append(embedding[seq.cached_tokens :])  # what the cache did not hold
             ready.append(seq)
         if not ready:
             return 0
@@ -210,6 +217,7 @@ class Scheduler:
             for seq in ready:
                 self._fail(seq, EngineError("", f"prefill failed: {type(exc).__name__}"))
             return 0
+        self._keep_prefixes(ready)
         end = time.perf_counter()
         self.observer.on_prefill(len(ready), sum(e.shape[0] for e in embeddings), end - start)
         self.observer.on_tokens(len(ready))
@@ -218,6 +226,25 @@ class Scheduler:
             seq.prefill_s, seq.first_token_s = end - start, end
             self._advance(seq, token)
         return len(ready)
+
+    def _start_from_cache(self, seq: ScheduledSequence) -> int:
+        """Copy the longest cached prefix of ``seq``'s prompt into its slot; its length."""
+        keys = seq.request.prefix_keys
+        if self.prefix_cache is None or not keys:
+            return 0
+        cached = self.prefix_cache.load(seq.slot, self.prefix_cache.match(keys))
+        self.observer.on_prefix_cache(len(keys) * self.prefix_cache.block_size, cached)
+        return cached
+
+    def _keep_prefixes(self, prefilled: list[ScheduledSequence]) -> None:
+        if self.prefix_cache is None:
+            return
+        for seq in prefilled:
+            if seq.request.prefix_keys:
+                try:
+                    self.prefix_cache.store(seq.slot, seq.request.prefix_keys)
+                except Exception:  # the sequence itself is sound: it only goes uncached
+                    logger.exception("keeping the prompt prefix of request %s failed", seq.request.request_id)
 
     def _decode(self, batch: list[ScheduledSequence]) -> int:
         start = time.perf_counter()
@@ -281,7 +308,7 @@ class Scheduler:
         reason = chunk.finish_reason or FINISH_ABORT
         self.observer.on_finish(reason, timings, prompt, completion)
         self._outbox.post(seq, StreamEvent([*seq.held_ids, *chunk.token_ids], "".join([*seq.held_text, chunk.text]),
-                                           reason, prompt, completion, timings))
+                                           reason, prompt, completion, timings, seq.cached_tokens))
 
     def _fail(self, seq: ScheduledSequence, exc: Exception) -> None:
         self._release(seq)

@@ -56,6 +56,7 @@ class SequenceRequest:
     arrival_s: float = field(default_factory=time.perf_counter)
     timings: dict[str, float] = field(default_factory=dict)
     stream: bool = True
+    prefix_keys: list[bytes] = field(default_factory=list)  # lm_worker.prefix_cache.prefix_block_keys
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,7 @@ class StreamEvent:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # prompt tokens the prefix cache supplied
 
     @property
     def is_final(self) -> bool:
@@ -92,6 +94,7 @@ class ScheduledSequence:
     admitted_s: float | None = None
     first_token_s: float | None = None
     prefill_s: float = 0.0
+    cached_tokens: int = 0  # prompt positions copied from the prefix cache, not prefilled
     held_ids: list[int] = field(default_factory=list)  # tokens not yet sent (a request that does not stream)
     held_text: list[str] = field(default_factory=list)
 
@@ -180,7 +183,7 @@ class GenerationStream:
                         token_ids=token_ids, text="".join(text),
                         finish_reason=event.finish_reason or FINISH_ABORT,
                         prompt_tokens=event.prompt_tokens, request_id=self.request_id,
-                        timings=event.timings,
+                        timings=event.timings, cached_tokens=event.cached_tokens,
                     )
         finally:
             self.cancel()
@@ -226,6 +229,8 @@ class SchedulerObserver(Protocol):
 
     def on_prefill(self, sequences: int, tokens: int, seconds: float) -> None: ...
 
+    def on_prefix_cache(self, query_tokens: int, hit_tokens: int) -> None: ...
+
     def on_decode(self, batch_size: int, seconds: float) -> None: ...
 
     def on_tokens(self, count: int) -> None: ...
@@ -241,6 +246,9 @@ class NullObserver:
         return None
 
     def on_prefill(self, sequences: int, tokens: int, seconds: float) -> None:
+        return None
+
+    def on_prefix_cache(self, query_tokens: int, hit_tokens: int) -> None:
         return None
 
     def on_decode(self, batch_size: int, seconds: float) -> None:

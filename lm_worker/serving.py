@@ -17,6 +17,7 @@ import proto
 from lm_worker.errors import EngineUnavailable
 from lm_worker.metrics import LMWorkerMetrics
 from lm_worker.model import LocalDecoderBackend
+from lm_worker.prefix_cache import PrefixCache, prefix_block_keys
 from lm_worker.runner import ModelRunner
 from lm_worker.scheduler import Scheduler
 from lm_worker.sequence import GenerationStream, SequenceRequest
@@ -44,6 +45,8 @@ class LMWorkerService:
                                       max_seq_len=max_seq_len,
                                       cuda_graphs=None if settings.cuda_graphs == "auto" else False,
                                       compile_steps=settings.compile_steps == "on")
+        self.prefix_cache = PrefixCache.within(backend.cache, block_size=settings.prefix_block_size,
+                                               max_bytes=settings.prefix_cache_mb * 2**20)
         self.scheduler = Scheduler(
             ModelRunner(backend, model.fusion),
             eos_token_id=model.tokenizer.eos_token_id,
@@ -52,6 +55,7 @@ class LMWorkerService:
             max_waiting=settings.max_waiting,
             max_prefill_tokens=settings.max_prefill_tokens,
             observer=self.metrics,
+            prefix_cache=self.prefix_cache,
         )
         self.validator = RequestValidator(model.tokenizer, encoder_output_dim=config.encoder_output_dim,
                                           vocab_size=config.vocab_size, max_seq_len=max_seq_len)
@@ -78,6 +82,9 @@ class LMWorkerService:
         arrival = time.perf_counter()
         request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
         sequence = self.validator(request, arrival)
+        if self.prefix_cache is not None:  # hashing the features is CPU work too: here, off the engine
+            sequence.prefix_keys = prefix_block_keys(sequence.prompt_ids, sequence.images,
+                                                     self.prefix_cache.block_size)
         sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
         return request, sequence
 

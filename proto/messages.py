@@ -224,6 +224,7 @@ class GenerateResponse:
     prompt_tokens: int = 0
     request_id: str = ""
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0  # of prompt_tokens, those the worker's prefix cache supplied
 
     @property
     def completion_tokens(self) -> int:
@@ -236,6 +237,7 @@ class GenerateResponse:
             "text": self.text,
             "finish_reason": self.finish_reason,
             "prompt_tokens": self.prompt_tokens,
+            "cached_tokens": self.cached_tokens,
             "timings": dict(self.timings),
         }
 
@@ -248,5 +250,6 @@ class GenerateResponse:
             text=reader.str("text", ""),
             finish_reason=reader.str("finish_reason", "stop", choices=FINISH_REASONS),
             prompt_tokens=reader.int("prompt_tokens", 0, minimum=0),
+            cached_tokens=reader.int("cached_tokens", 0, minimum=0),
             timings=reader.timings(),
         )

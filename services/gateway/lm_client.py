@@ -56,6 +56,7 @@ class StreamFinish:
     prompt_tokens: int
     completion_tokens: int
     timings: dict[str, float] = field(default_factory=dict)
+    cached_tokens: int = 0
 
 
 def _event(payload: str) -> dict[str, Any]:
@@ -84,12 +85,13 @@ def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
     streamed ids (they agree unless the worker held tokens back, e.g. a stop string)."""
     reason, prompt_tokens, timings = event["finish_reason"], event.get("prompt_tokens", 0), event.get("timings", {})
     completion_tokens = event.get("completion_tokens", counted_tokens)
-    if not isinstance(completion_tokens, int):
-        raise UpstreamError("the LM worker streamed a non-integer completion_tokens")
+    cached_tokens = event.get("cached_tokens", 0)
+    if not isinstance(completion_tokens, int) or not isinstance(cached_tokens, int):
+        raise UpstreamError("the LM worker streamed a non-integer completion_tokens or cached_tokens")
     if reason not in _FINISH_REASONS or not isinstance(prompt_tokens, int) or not isinstance(timings, dict):
         raise UpstreamError(f"the LM worker streamed a malformed final event (finish_reason={reason!r})")
     clean = {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
-    return StreamFinish(reason, prompt_tokens, completion_tokens, clean)
+    return StreamFinish(reason, prompt_tokens, completion_tokens, clean, cached_tokens)
 
 
 class LMStream:

@@ -63,6 +63,7 @@ class CaptionService:
             return CaptionResponse(
                 id=f"caption-{request_id}", model=model, captions=[result.text for result in results],
                 finish_reasons=[result.finish_reason for result in results],
-                usage=Usage.of(prompt_tokens, completion_tokens), timings=timer.as_dict())
+                usage=Usage.of(prompt_tokens, completion_tokens, sum(result.cached_tokens for result in results)),
+                timings=timer.as_dict())
 
         return await pipeline.with_deadline(run())

@@ -122,7 +122,7 @@ class ChatService:
             return ChatCompletionResponse(
                 id=f"chatcmpl-{request_id}", created=int(time.time()), model=model,
                 choices=[Choice(message=ResponseMessage(content=result.text), finish_reason=result.finish_reason)],
-                usage=Usage.of(result.prompt_tokens, result.completion_tokens), timings=timer.as_dict())
+                usage=Usage.of(result.prompt_tokens, result.completion_tokens, result.cached_tokens), timings=timer.as_dict())
 
         return await self.pipeline.with_deadline(run())
 
@@ -170,7 +170,7 @@ class ChatService:
             yield chunk([ChunkChoice(delta=DeltaMessage(), finish_reason=finish.finish_reason)],
                         timings=timer.as_dict())
             if include_usage:
-                yield chunk([], usage=Usage.of(finish.prompt_tokens, finish.completion_tokens))
+                yield chunk([], usage=Usage.of(finish.prompt_tokens, finish.completion_tokens, finish.cached_tokens))
         except GatewayError as exc:
             logger.warning("stream %s failed after it started: %s", request_id, exc.message)
             self.pipeline.metrics.error(exc)

@@ -88,6 +88,9 @@ def test_openai_client_chat_completion_and_stream(stack, reference):
     streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert streamed.strip() == expected
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == completion.usage.completion_tokens
+    # The same image and text again: the LM worker started from the prompt's cached prefix.
+    assert chunks[-1].usage.prompt_tokens == completion.usage.prompt_tokens
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
 
 
 def test_repeated_image_is_served_from_the_cache(stack):
@@ -103,6 +106,8 @@ def test_repeated_image_is_served_from_the_cache(stack):
         second = caption_via_api(client, stack.url, data)
         assert encoder_requests() == before, "the encoder was called for a cached image"
     assert second["captions"] == first["captions"]
+    assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert 0 < second["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]
     gateway_metrics = httpx.get(f"{stack.url}/metrics").text
     assert metric_value(gateway_metrics, "step37_gateway_cache_hits_total") >= 1
 

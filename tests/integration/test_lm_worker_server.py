@@ -117,8 +117,13 @@ def test_concurrent_greedy_outputs_equal_the_in_process_run(worker, requests, ex
         assert got.token_ids == want.token_ids and got.text == want.text
         assert got.prompt_tokens == want.prompt_tokens and got.finish_reason == "length"
         assert {"queue_ms", "prefill_ms", "decode_ms", "ttft_ms", "tokens_per_s"} <= set(got.timings)
-    assert [r.token_ids for r in asyncio.run(send_all())] == [r.token_ids for r in first]
     assert metric(worker.url, "lm_worker_decode_batch_size_count") > 0
+    # Again: every prompt now starts from its own cached prefix (the same images, the same
+    # text), and decodes the same tokens as when it was prefilled whole.
+    again = asyncio.run(send_all())
+    assert [r.token_ids for r in again] == [r.token_ids for r in first]
+    assert all(r.cached_tokens == 0 for r in first) and all(r.cached_tokens > 0 for r in again)
+    assert metric(worker.url, "lm_worker_prefix_cache_hit_tokens_total") == sum(r.cached_tokens for r in again)
 
 
 def test_streamed_response_matches_the_whole_one(worker, requests, expected) -> None:

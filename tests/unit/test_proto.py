@@ -91,7 +91,7 @@ def test_decoded_tensor_is_a_view_of_the_received_bytes():
                                                 stop_token_ids=[2], stop=["."]),
                         stream=True, request_id="r3", timings={"encode_ms": 3.0}),
         GenerateRequest(input_ids=[1, 2, 3]),
-        GenerateResponse(token_ids=[4, 5], text="a red circle", finish_reason="length", prompt_tokens=20,
+        GenerateResponse(token_ids=[4, 5], text="a red circle", finish_reason="length", prompt_tokens=20, cached_tokens=16,
                          request_id="r4", timings={"prefill_ms": 2.0, "decode_ms": 5.0}),
     ],
     ids=lambda m: type(m).__name__,

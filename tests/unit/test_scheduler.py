@@ -19,6 +19,7 @@ from lm_worker.errors import (
 )
 from lm_worker.image_insert_embedding import ImageInsertEmbedding
 from lm_worker.model import DecoderConfig, LocalDecoderBackend, Step37Decoder
+from lm_worker.prefix_cache import PrefixCache, prefix_block_keys
 from lm_worker.runner import ModelRunner
 from lm_worker.scheduler import Scheduler
 from lm_worker.sequence import GenerationStream, NullObserver, SequenceRequest
@@ -298,6 +299,55 @@ async def test_final_event_carries_usage_and_timings(model: Model) -> None:
         assert timings[stage] >= 0, stage
     assert timings["tokens_per_s"] > 0
     assert timings["ttft_ms"] <= timings["total_ms"]
+
+
+class PrefixRecorder(NullObserver):
+    def __init__(self) -> None:
+        self.lookups: list[tuple[int, int]] = []  # (queried, hit) prompt tokens
+        self.prefilled_tokens: list[int] = []
+
+    def on_prefix_cache(self, query_tokens: int, hit_tokens: int) -> None:
+        self.lookups.append((query_tokens, hit_tokens))
+
+    def on_prefill(self, sequences: int, tokens: int, seconds: float) -> None:
+        self.prefilled_tokens.append(tokens)
+
+
+@pytest.mark.anyio
+async def test_a_repeated_prompt_starts_from_the_prefix_cache_and_decodes_the_same(model: Model) -> None:
+    block = 2
+    recorder = PrefixRecorder()
+    backend = LocalDecoderBackend(model.decoder, max_batch_size=2, max_seq_len=128)
+    scheduler = make_scheduler(model, max_batch_size=2, backend=backend, observer=recorder,
+                               prefix_cache=PrefixCache(backend.cache, block_size=block, max_blocks=64))
+
+    def keyed(request: SequenceRequest) -> SequenceRequest:
+        request.prefix_keys = prefix_block_keys(request.prompt_ids, request.images, block)
+        return request
+
+    first = keyed(make_request(model, 3, max_new_tokens=6))
+    again = keyed(make_request(model, 3, max_new_tokens=6))
+    again.request_id = "again"
+    other_image = keyed(SequenceRequest("other", list(first.prompt_ids), [
+        ImageForInsert(model.tokenizer.ids.im_start, image_features=torch.randn(1, FEATURES_PER_IMAGE, model.fusion.encoder_output_dim))],
+        first.sampling))
+    blocks = len(first.prefix_keys)
+    assert blocks >= 3
+    responses = []
+    for request in (first, again, other_image):  # one at a time: each sees what the ones before kept
+        task = collect(scheduler.submit(request))
+        await drive(scheduler, [task])
+        responses.append(task.result())
+
+    start = first.prompt_ids.index(model.tokenizer.ids.im_start)
+    shared_text = (start // block) * block  # the blocks before the one holding the image's start token
+    assert [hit for _, hit in recorder.lookups] == [0, blocks * block, shared_text]
+    assert recorder.prefilled_tokens == [len(first.prompt_ids), len(first.prompt_ids) - blocks * block,
+                                         len(first.prompt_ids) - shared_text]
+    assert [r.cached_tokens for r in responses] == [0, blocks * block, shared_text]
+    assert responses[0].token_ids == responses[1].token_ids == reference_greedy(model, first)
+    assert responses[2].token_ids == reference_greedy(model, other_image)
+    assert responses[1].prompt_tokens == len(first.prompt_ids)  # usage counts the whole prompt
 
 
 @pytest.mark.anyio
