@@ -9,7 +9,8 @@ model, same machine, in one run, rounds interleaved:
 - ``monolithic``: vision tower → ImageInsertEmbedding → decoder in this process (two
   torch threads), the same closed loop: ``c`` clients means batches of ``c`` images;
 - ``decoupled_reuse50``: the decoupled system where half the images repeat an earlier
-  one, so the gateway's feature cache answers instead of the encoder;
+  one, so the gateway's feature cache answers instead of the encoder, and the LM
+  worker starts the prompt from its prefix cache;
 - ``decoupled_http`` (lowest concurrency only): the same services behind a second
   gateway that calls them over HTTP (``--internal-transport http``) instead of their
   call channels, so the run also measures what the call channel saves on the wire.
@@ -32,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -63,6 +65,17 @@ def cpu_seconds(pid: int) -> float | None:
 
 def services_cpu(stack: Stack) -> dict[str, float | None]:
     return {child.name: cpu_seconds(child.process.pid) for child in stack.children if child.process is not None}
+
+
+def prefix_cache_tokens(stack: Stack) -> dict[str, float]:
+    """The LM workers' prefix-cache counters so far: prompt tokens looked up, and supplied."""
+    totals = {"queried": 0.0, "hit": 0.0}
+    for worker in stack.lm_workers:
+        for line in httpx.get(f"{worker.url}/metrics", timeout=10).text.splitlines():
+            for kind in totals:
+                if line.startswith(f"lm_worker_prefix_cache_{kind}_tokens_total "):
+                    totals[kind] += float(line.split()[-1])
+    return totals
 
 
 def own_cpu() -> float:
@@ -170,15 +183,20 @@ def run_point(stack: Stack, over_http: ServiceProcess, captioner: InProcessCapti
         else:
             reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
             url = over_http.url if variant == "decoupled_http" else stack.url
-            before = services_cpu(stack)
+            before, tokens_before = services_cpu(stack), prefix_cache_tokens(stack)
             summary = decoupled_point(url, concurrency, args.requests, seed + (500 if reuse else 0), reuse)
-            after = services_cpu(stack)
+            after, tokens_after = services_cpu(stack), prefix_cache_tokens(stack)
             # The services do nothing between points, so their CPU time over a point is its
             # requests' (warm-up's two included); the load tester's client is counted apart
             # (client_cpu_ms_per_request). (The HTTP variant's gateway is another process: not counted.)
             summary["cpu_ms_per_request"] = {
                 name: 1e3 * (after[name] - before[name]) / (args.requests + 2)
                 for name in before if before[name] is not None and after.get(name) is not None}
+            # Prompt tokens per request (warm-up's included) the LM worker's prefix cache
+            # looked up and supplied: a repeated image with the same prompt starts from its
+            # cached prefix.
+            summary["prefix_cache_tokens_per_request"] = {
+                kind: (tokens_after[kind] - tokens_before[kind]) / (args.requests + 2) for kind in tokens_after}
         (http_samples if variant == "decoupled_http" else samples[variant][concurrency]).append(summary)
         print(f"round {round_index} c={concurrency:<3} {variant:<18} {summary['throughput']['requests_per_s']:.2f} "
               f"req/s  p50 {summary['latency_ms']['p50']:.0f} ms", flush=True)
@@ -215,6 +233,10 @@ def summarize_run(args: argparse.Namespace, device: torch.device, compile_steps:
             for variant in ("decoupled", "monolithic")}
         row["client_cpu_ms_per_request"] = statistics.median(s["client_cpu_ms_per_request"]
                                                              for s in samples["decoupled"][c])
+        row["prefix_cache_tokens_per_request"] = {
+            variant: {kind: statistics.median(s["prefix_cache_tokens_per_request"][kind] for s in samples[variant][c])
+                      for kind in ("queried", "hit")}
+            for variant in ("decoupled", "decoupled_reuse50")}
         table[c] = row
 
     stage_means, wire = wire_ms(samples["decoupled"][levels[0]])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import statistics
 import sys
 from pathlib import Path
 
@@ -223,6 +224,7 @@ def e2e_targets(result: dict) -> list[str]:
         f"so skipping it for half the images saves about {50 * encode_share:.0f} % directly (the measured cut "
         "also holds the CPU the encoder no longer takes from the other processes); a 30 % cut needs an "
         "encoder that is most of the request (a large tower). "
+        f"{prefix_cache_text(result, levels[0])}"
         f"At c={levels[0]} the cut varies from round to round: {per_round_cuts(result, levels[0])} "
         "(the two variants caption different scenes, whose captions differ in length). "
         f"Throughput at c={levels[-1]} moved from round to round between {spread(result, 'monolithic', levels[-1])} "
@@ -253,6 +255,24 @@ def e2e_on_gpu(result: dict) -> list[str]:
 def spread(result: dict, variant: str, level: str) -> str:
     rates = [s["throughput"]["requests_per_s"] for s in result["samples"][variant][level]]
     return f"{min(rates):.0f} and {max(rates):.0f}"
+
+
+def prefix_cache_text(result: dict, level: str) -> str:
+    """What the LM worker's prefix cache supplied at 50 % reuse (runs that recorded it)."""
+    tokens = result["table"][level].get("prefix_cache_tokens_per_request")
+    if not tokens:
+        return ""
+    reuse, plain = tokens["decoupled_reuse50"], tokens["decoupled"]
+
+    def prefill_ms(variant: str) -> float:
+        return statistics.median(s["server_timings_ms"]["lm.prefill"]["mean"] for s in result["samples"][variant][level])
+
+    return (f"A repeated image also starts its prompt from the LM worker's prefix cache: at c={level} it supplied "
+            f"{reuse['hit']:.1f} prompt tokens per request at 50 % reuse ({plain['hit']:.1f} without reuse; "
+            f"{reuse['queried']:.1f} looked up: the whole blocks before each prompt's last position), but a "
+            "prefill of this model costs "
+            f"mostly per call, not per token: {prefill_ms('decoupled_reuse50'):.1f} ms per request against "
+            f"{prefill_ms('decoupled'):.1f} ms without reuse. ")
 
 
 def per_round_cuts(result: dict, level: str) -> str:
