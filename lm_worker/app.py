@@ -4,8 +4,9 @@ The lifespan starts the engine thread before the first request and stops it afte
 the last (uvicorn drains in-flight requests first); whatever is still queued then is
 failed with a 503 rather than left hanging. With ``internal_token`` set, work routes
 require it in ``x-internal-token`` (health, readiness and metrics stay open). With
-``rpc`` set, non-streaming generates are also served as calls on their own port
-(``services.common.rpc``), reported in ``/ready`` as ``rpc_port``.
+``rpc`` set, generates are also served as calls on their own port
+(``services.common.rpc``), reported in ``/ready`` as ``rpc_port``: a streamed one as
+one chunk per event of the HTTP route's stream.
 """
 
 from __future__ import annotations
@@ -17,8 +18,9 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 import proto
-from lm_worker.errors import ClientError
+from lm_worker.protocol import event_payloads
 from lm_worker.router import create_router
+from lm_worker.sequence import GenerationStream
 from lm_worker.serving import LMWorkerService
 from lm_worker.settings import LMWorkerSettings
 from services.common.auth import InternalTokenMiddleware
@@ -30,13 +32,23 @@ __all__ = ["create_app"]
 
 def rpc_server(service: LMWorkerService, token: str | None = None) -> RpcServer:
     """``generate`` calls: a msgpack ``GenerateRequest`` in, a ``GenerateResponse`` out, as
-    on ``POST /v1/generate``; streams stay on HTTP (server-sent events)."""
+    on ``POST /v1/generate``; with ``stream`` set, the JSON events of that route's
+    server-sent events, one per chunk, once the first is ready (failures before it are
+    the call's error, as they are the route's status)."""
 
-    async def generate(payload: bytes) -> list[bytes | memoryview]:
+    async def generate(payload: bytes) -> list[bytes | memoryview] | AsyncIterator[list[bytes]]:
         message, sequence = await service.prepare_async(payload)
         if message.stream:
-            raise ClientError("stream", "a streamed generate goes to POST /v1/generate", True)
+            return _events(await service.open_stream(sequence))
         return proto.encode_chunks(await service.generate(sequence))
+
+    async def _events(stream: GenerationStream) -> AsyncIterator[list[bytes]]:
+        try:
+            async for event in stream:
+                for item in event_payloads(stream.request_id, event):
+                    yield [item.encode()]
+        finally:
+            stream.cancel()  # a no-op when finished; frees the slot of a cancelled call
 
     return RpcServer({"generate": generate}, max_frame_bytes=service.settings.max_body_bytes,
                      token=token, on_error=service.metrics.on_error)

@@ -6,6 +6,9 @@
   the finish reason, usage and timings. The texts of all events concatenate to the
   text a non-streamed request returns. A failure after the stream started is sent as
   ``event: error`` with the same ``{"error": {...}}`` body a 4xx/5xx would carry.
+
+A streamed generate over the call channel sends the same events' JSON, one per chunk
+(:func:`event_payloads`), and a failure midway as the channel's error frame.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ __all__ = [
     "HealthResponse",
     "ReadyResponse",
     "TokenChunkEvent",
+    "event_payloads",
     "sse_error",
     "sse_events",
 ]
@@ -43,7 +47,7 @@ class ReadyResponse(BaseModel):
     waiting: int
     free_slots: int
     reason: str | None = None
-    rpc_port: int | None = None  # where non-streaming generates are served as calls too
+    rpc_port: int | None = None  # where generates are served as calls too
 
 
 class TokenChunkEvent(BaseModel):
@@ -60,31 +64,34 @@ class FinalEvent(BaseModel):
     cached_tokens: int = 0
 
 
-def _sse(payload: BaseModel | dict[str, Any], event: str | None = None) -> bytes:
-    data = payload.model_dump_json() if isinstance(payload, BaseModel) else json.dumps(payload)
+def _sse(data: str, event: str | None = None) -> bytes:
     prefix = f"event: {event}\n" if event else ""
     return f"{prefix}data: {data}\n\n".encode()
 
 
-def sse_events(request_id: str, event: StreamEvent) -> list[bytes]:
-    """The SSE frames of one engine event: its token chunk, and the final event if last.
+def event_payloads(request_id: str, event: StreamEvent) -> list[str]:
+    """The JSON events of one engine event: its token chunk, and the final event if last.
 
     Tokens that arrive with the last step go out as a chunk first, so every token
     chunk has one shape and the final event only the summary.
     """
-    frames: list[bytes] = []
-    if not event.is_final:
-        return [_sse(TokenChunkEvent(token_ids=event.token_ids, text=event.text))]
-    if event.token_ids or event.text:
-        frames.append(_sse(TokenChunkEvent(token_ids=event.token_ids, text=event.text)))
-    frames.append(_sse(FinalEvent(
-        request_id=request_id, finish_reason=event.finish_reason or "abort",
-        prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
-        timings=event.timings, cached_tokens=event.cached_tokens,
-    )))
-    return frames
+    payloads: list[str] = []
+    if not event.is_final or event.token_ids or event.text:
+        payloads.append(TokenChunkEvent(token_ids=event.token_ids, text=event.text).model_dump_json())
+    if event.is_final:
+        payloads.append(FinalEvent(
+            request_id=request_id, finish_reason=event.finish_reason or "abort",
+            prompt_tokens=event.prompt_tokens, completion_tokens=event.completion_tokens,
+            timings=event.timings, cached_tokens=event.cached_tokens,
+        ).model_dump_json())
+    return payloads
+
+
+def sse_events(request_id: str, event: StreamEvent) -> list[bytes]:
+    """:func:`event_payloads` as server-sent events."""
+    return [_sse(payload) for payload in event_payloads(request_id, event)]
 
 
 def sse_error(body: dict[str, Any]) -> bytes:
     """An ``event: error`` frame with the body the error handlers would send."""
-    return _sse({"error": body}, event="error")
+    return _sse(json.dumps({"error": body}), event="error")

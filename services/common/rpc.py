@@ -7,7 +7,7 @@ frame out and one frame back on a kept-open connection, parsed by a few lines of
 ``asyncio.Protocol`` code. The payloads are the same msgpack messages the HTTP
 routes take and answer, and errors carry the same status and JSON body, so the
 gateway treats both paths alike. HTTP stays for everything else: health, readiness,
-metrics, streams, KServe, and any client that is not the gateway.
+metrics, KServe, and any client that is not the gateway.
 
 Wire format. The client opens a connection and sends a hello::
 
@@ -21,8 +21,12 @@ the payload:
     CANCEL  client → server   no payload: the caller gave up; its work is cancelled
     REPLY   server → client   code: 200              payload: the response message
     ERROR   server → client   code: HTTP status      payload: ``{"error": {...}}`` JSON
+    CHUNK   server → client   code: 200              payload: one item of a streamed answer
 
-Calls on a connection run concurrently; replies come back as they finish. Sizes are
+Calls on a connection run concurrently; replies come back as they finish. A handler
+that returns an async iterator answers a stream: one CHUNK per item, then an empty
+REPLY, or an ERROR if it fails midway. The first frame tells the caller whether the
+stream started (a CHUNK) or was refused (an ERROR), as an HTTP status line would. Sizes are
 bounded both ways: a request frame over the server's limit is answered 413 and its
 bytes skipped (the connection stays usable); a reply over the caller's limit fails
 that call alone. Payloads are never unpickled: handlers decode them with ``proto``.
@@ -35,7 +39,7 @@ import hmac
 import json
 import logging
 import struct
-from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 from proto.errors import DescribedError, LimitExceeded
@@ -50,6 +54,8 @@ __all__ = [
     "RpcListen",
     "RpcProtocolError",
     "RpcServer",
+    "RpcStream",
+    "RpcTimeout",
     "RpcUnavailable",
 ]
 
@@ -60,13 +66,13 @@ _TOKEN_LENGTH = struct.Struct("!H")
 MAX_TOKEN_BYTES = 1024
 HEADER = struct.Struct("!BIHI")  # type, call id, code, payload length
 
-CALL, CANCEL, REPLY, ERROR, HELLO = 1, 2, 3, 4, 5
+CALL, CANCEL, REPLY, ERROR, HELLO, CHUNK = 1, 2, 3, 4, 5, 6
 METHODS = {"encode": 1, "generate": 2}  # method name → id on the wire
 MAX_CALLS_PER_CONNECTION = 1024
 HELLO_TIMEOUT_S = 10.0  # a connection that has not said hello by then is closed
 
 Chunks = Sequence[bytes | memoryview]
-Handler = Callable[[bytes], Awaitable[Chunks]]
+Handler = Callable[[bytes], Awaitable[Chunks | AsyncIterator[Chunks]]]
 
 
 @dataclass(frozen=True)
@@ -132,7 +138,8 @@ class _Frames:
 
 
 class RpcServer:
-    """Serves ``handlers`` (method name → ``async (payload) -> reply chunks``) on a port.
+    """Serves ``handlers`` (method name → ``async (payload) -> reply chunks``, or an async
+    iterator of chunks for a streamed answer) on a port.
 
     A handler raises to answer an error: a ``DescribedError`` becomes its status and
     body, anything else a logged 500. ``on_error(kind)`` counts errors for metrics,
@@ -293,14 +300,27 @@ class _ServerConnection(asyncio.Protocol):
 
     async def _run(self, call_id: int, method: str, handler: Handler, payload: bytes, started: float) -> None:
         try:
-            chunks = await handler(payload)
+            answer = await handler(payload)
+            if isinstance(answer, AsyncIterator):
+                await self._stream(call_id, answer)
+                answer = []
         except Exception as exc:
             if status_of(exc) >= 500:
                 logger.exception("%s call failed", method)
             self._fail(call_id, exc, method=method, started=started)
         else:
-            self._send(REPLY, call_id, 200, chunks)
+            self._send(REPLY, call_id, 200, answer)
             self._record(method, 200, started)
+
+    async def _stream(self, call_id: int, items: AsyncIterator[Chunks]) -> None:
+        """One CHUNK per item; the iterator is closed however this ends (a CANCEL too)."""
+        try:
+            async for chunks in items:
+                self._send(CHUNK, call_id, 200, chunks)
+        finally:
+            close = getattr(items, "aclose", None)
+            if close is not None:
+                await close()
 
     def _forget(self, call_id: int, task: asyncio.Task, method: str, started: float) -> None:
         if self.calls.get(call_id) is task:
@@ -347,6 +367,10 @@ class RpcProtocolError(RpcError):
     """The peer broke the protocol for this call (a reply over the size limit, a bad frame)."""
 
 
+class RpcTimeout(RpcError):
+    """A stream's next item did not come in time (the call is cancelled on the server)."""
+
+
 class RpcFailed(RpcError):
     """The server answered an error: ``status`` and the JSON ``body`` an HTTP route would give."""
 
@@ -361,6 +385,7 @@ class _ClientConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.frames = _Frames(max_reply_bytes)
         self.pending: dict[int, asyncio.Future] = {}
+        self.streams: dict[int, asyncio.Queue] = {}  # call id → its frames, for streamed answers
         self.greeted: asyncio.Future = asyncio.get_running_loop().create_future()
         self._next_id = 0
         self.closed = False
@@ -377,6 +402,9 @@ class _ClientConnection(asyncio.Protocol):
             if not future.done():
                 future.set_exception(error)
         self.pending.clear()
+        for queue in self.streams.values():
+            queue.put_nowait(error)
+        self.streams.clear()
 
     def data_received(self, data: bytes) -> None:
         for kind, call_id, code, payload in self.frames.feed(data):
@@ -386,6 +414,12 @@ class _ClientConnection(asyncio.Protocol):
                 continue
             if kind == ERROR and call_id == 0 and not self.greeted.done():
                 self.greeted.set_exception(RpcFailed(code, payload if isinstance(payload, bytes) else b""))
+                continue
+            queue = self.streams.get(call_id)
+            if queue is not None:
+                if kind != CHUNK or isinstance(payload, int):
+                    del self.streams[call_id]  # the last frame of this stream
+                queue.put_nowait(self._stream_item(kind, code, payload))
                 continue
             future = self.pending.pop(call_id, None)
             if future is None or future.done():
@@ -399,25 +433,92 @@ class _ClientConnection(asyncio.Protocol):
                 future.set_exception(RpcFailed(code, payload))
             else:
                 future.set_exception(RpcProtocolError(f"unexpected frame type {kind}"))
+                if kind == CHUNK and self.transport is not None:  # a stream nobody will read: stop it
+                    self.transport.write(HEADER.pack(CANCEL, call_id, 0, 0))
+
+    def _stream_item(self, kind: int, code: int, payload: bytes | int) -> bytes | None | RpcError:
+        """A stream's frame as its reader takes it: a chunk, None at the end, or the error."""
+        if isinstance(payload, int):
+            return RpcProtocolError(f"a stream item is larger than the limit of {self.frames.max_payload} bytes")
+        if kind == CHUNK:
+            return payload
+        if kind == REPLY:
+            return None
+        if kind == ERROR:
+            return RpcFailed(code, payload)
+        return RpcProtocolError(f"unexpected frame type {kind} in a stream")
 
     @property
     def usable(self) -> bool:
         return not self.closed and self.transport is not None and not self.transport.is_closing()
 
     def call(self, method_id: int, chunks: Chunks) -> tuple[int, asyncio.Future]:
+        call_id = self._send_call(method_id, chunks)
+        future = asyncio.get_running_loop().create_future()
+        self.pending[call_id] = future
+        return call_id, future
+
+    def call_streamed(self, method_id: int, chunks: Chunks) -> tuple[int, asyncio.Queue]:
+        call_id = self._send_call(method_id, chunks)
+        queue: asyncio.Queue = asyncio.Queue()
+        self.streams[call_id] = queue
+        return call_id, queue
+
+    def _send_call(self, method_id: int, chunks: Chunks) -> int:
         if not self.usable:
             raise RpcUnavailable("the connection closed before the call was sent")
         self._next_id = self._next_id % 0xFFFFFFFF + 1  # 1 .. 2**32 - 1: 0 is the hello's
-        call_id = self._next_id
-        future = asyncio.get_running_loop().create_future()
-        self.pending[call_id] = future
-        header = HEADER.pack(CALL, call_id, method_id, sum(_size(chunk) for chunk in chunks))
+        header = HEADER.pack(CALL, self._next_id, method_id, sum(_size(chunk) for chunk in chunks))
         self.transport.writelines([header, *chunks])  # type: ignore[union-attr]
-        return call_id, future
+        return self._next_id
 
     def cancel(self, call_id: int) -> None:
-        if self.pending.pop(call_id, None) is not None and not self.closed and self.transport is not None:
+        waiting = self.pending.pop(call_id, None) is not None or self.streams.pop(call_id, None) is not None
+        if waiting and not self.closed and self.transport is not None:
             self.transport.write(HEADER.pack(CANCEL, call_id, 0, 0))
+
+
+class RpcStream:
+    """A streamed answer: iterate :meth:`chunks` once; :meth:`aclose` cancels it on the
+    server unless it already ended. ``RpcClient.open_stream`` returns it started."""
+
+    def __init__(self, connection: _ClientConnection, call_id: int, queue: asyncio.Queue,
+                 first: bytes | None, gap_timeout_s: float | None) -> None:
+        self._connection = connection
+        self._call_id = call_id
+        self._queue = queue
+        self._first = first
+        self._ended = first is None
+        self.gap_timeout_s = gap_timeout_s
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """Every item's payload, in order; raises the stream's error (``RpcFailed`` for an
+        ERROR midway, ``RpcConnectionLost``, ``RpcProtocolError``, ``RpcTimeout``)."""
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+        while not self._ended:
+            item = await _next_item(self._queue, self.gap_timeout_s)
+            if item is None:
+                self._ended = True
+                return
+            if isinstance(item, RpcError):
+                self._ended = True
+                self._connection.cancel(self._call_id)  # a timeout leaves it running there
+                raise item
+            yield item
+
+    async def aclose(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._connection.cancel(self._call_id)
+
+
+async def _next_item(queue: asyncio.Queue, timeout_s: float | None) -> bytes | None | RpcError:
+    try:
+        return await asyncio.wait_for(queue.get(), timeout_s)
+    except asyncio.TimeoutError:
+        return RpcTimeout(f"no stream item within {timeout_s:g} s")
 
 
 class RpcClient:
@@ -448,6 +549,23 @@ class RpcClient:
         except asyncio.CancelledError:
             connection.cancel(call_id)
             raise
+
+    async def open_stream(self, address: tuple[str, int], method: str, chunks: Chunks, *,
+                          gap_timeout_s: float | None = None) -> RpcStream:
+        """Call ``method`` for a streamed answer; returns once its first item came (the
+        stream started), raises as :meth:`call` when it was refused. ``gap_timeout_s``
+        bounds the wait for each item, the first included."""
+        connection = await self._open_connection(address)
+        call_id, queue = connection.call_streamed(METHODS[method], chunks)
+        try:
+            first = await _next_item(queue, gap_timeout_s)
+        except asyncio.CancelledError:
+            connection.cancel(call_id)
+            raise
+        if isinstance(first, RpcError):
+            connection.cancel(call_id)  # a timeout leaves the call running there
+            raise first
+        return RpcStream(connection, call_id, queue, first, gap_timeout_s)
 
     async def connect(self, address: tuple[str, int]) -> None:
         """Open the connection to ``address`` now, unless one is open (``RpcUnavailable``,

@@ -3,11 +3,11 @@
 Generation is not idempotent (sampling with no seed, and it costs GPU time), so a
 request moves to another endpoint only when the first provably did nothing: the
 connection was refused, or the worker answered "busy" (503) before starting. Once a
-stream is open nothing is retried — the client may already hold tokens. Closing an
-:class:`LMStream` closes the HTTP response, which the worker sees as a disconnect and
-answers by freeing the sequence's KV-cache slot. A non-streaming generate goes over
-the endpoint's call channel (``services.common.rpc``) when it has one; cancelling
-that call frees the slot the same way.
+stream is open nothing is retried — the client may already hold tokens. Generates
+and streams go over the endpoint's call channel (``services.common.rpc``) when it has
+one, else over HTTP (a stream as server-sent events). Closing an :class:`LMStream`
+cancels the call, or closes the HTTP response, which the worker sees as a disconnect;
+either way it frees the sequence's KV-cache slot, as cancelling a generate does.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import httpx
 import proto
 from proto import GenerateRequest, GenerateResponse
 from proto.messages import FINISH_REASONS
-from services.common.rpc import RpcClient, RpcError, RpcUnavailable
+from services.common.rpc import RpcClient, RpcError, RpcStream, RpcUnavailable
 from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from services.gateway.pool import Endpoint, EndpointPool
 from services.gateway.sse import iter_events
@@ -95,19 +95,27 @@ def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
 
 
 class LMStream:
-    """An open token stream from one LM worker; iterate :meth:`events` once, then :meth:`aclose`."""
+    """An open token stream from one LM worker; iterate :meth:`events` once, then :meth:`aclose`.
 
-    def __init__(self, client: LMClient, endpoint: Endpoint, response: httpx.Response) -> None:
+    ``source`` is an HTTP response of server-sent events or a call channel's stream:
+    both carry the same JSON events."""
+
+    def __init__(self, client: LMClient, endpoint: Endpoint, source: httpx.Response | RpcStream) -> None:
         self._client = client
         self._endpoint = endpoint
-        self._response = response
+        self._source = source
         self._closed = False
+
+    def _payloads(self) -> AsyncIterator[str]:
+        if isinstance(self._source, RpcStream):
+            return _decoded(self._source.chunks())
+        return iter_events(self._source.aiter_lines())
 
     async def events(self) -> AsyncIterator[TokenDelta | StreamFinish]:
         """Token deltas, then exactly one :class:`StreamFinish`; raises ``GatewayError`` otherwise."""
         completion_tokens = 0
         try:
-            async for payload in iter_events(self._response.aiter_lines()):
+            async for payload in self._payloads():
                 if payload.strip() == "[DONE]":
                     break
                 event = _event(payload)
@@ -119,14 +127,17 @@ class LMStream:
                     self._client.pool.record_success(self._endpoint)
                     yield _finish(event, completion_tokens)
                     return
-        except httpx.HTTPError as exc:
-            error = error_from_exception(SERVICE, exc, idempotent=False)
+        except (httpx.HTTPError, RpcError) as exc:
+            if isinstance(exc, RpcError):
+                error = error_from_rpc(SERVICE, exc, idempotent=False)
+            else:
+                error = error_from_exception(SERVICE, exc, idempotent=False)
             self._client._failed(self._endpoint, error)
             raise error from exc
         except GatewayError as exc:
             self._client._failed(self._endpoint, exc)
             raise
-        except ValueError as exc:  # iter_events: an oversized event
+        except ValueError as exc:  # iter_events: an oversized event; an item that is not UTF-8
             raise UpstreamError(f"the LM worker stream is malformed ({exc})") from exc
         error = UpstreamError("the LM worker ended the stream without a finish_reason")
         self._client._failed(self._endpoint, error)
@@ -138,9 +149,14 @@ class LMStream:
             return
         self._closed = True
         try:
-            await self._response.aclose()
+            await self._source.aclose()
         finally:
             self._client.pool.release(self._endpoint)
+
+
+async def _decoded(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
+    async for chunk in chunks:
+        yield chunk.decode()
 
 
 class LMClient:
@@ -152,7 +168,8 @@ class LMClient:
         self.pool = pool
         self.client = client
         self.rpc = rpc
-        # read: a whole non-streaming generate, or the longest gap between streamed events.
+        # read: a whole non-streaming generate, or the longest gap between streamed events
+        # (over the call channel as over HTTP).
         self.timeout_s = timeout_s
         self.timeout = httpx.Timeout(timeout_s, connect=connect_timeout_s)
         self.limits = limits
@@ -184,35 +201,53 @@ class LMClient:
 
     async def _generate_on(self, endpoint: Endpoint, request: GenerateRequest,
                            chunks: list[bytes | memoryview]) -> bytes:
-        """One generate's answer from ``endpoint``: over its call channel if it has one
-        (HTTP when that cannot be reached: nothing was sent), else over HTTP."""
+        """One generate's answer from ``endpoint``."""
+        answer = await self._send_to(endpoint, request, chunks,
+                                     lambda rpc, address: rpc.call(address, "generate", chunks))
+        if isinstance(answer, bytes):
+            return answer
+        try:
+            return await read_bounded(answer, self.limits.max_message_bytes, service=SERVICE)
+        except httpx.HTTPError as exc:
+            raise error_from_exception(SERVICE, exc, idempotent=False) from exc
+        finally:
+            await answer.aclose()
+
+    async def open_stream(self, request: GenerateRequest) -> LMStream:
+        """Start generating; returns once the worker accepted (over HTTP: status 200, before
+        any token; over the call channel: with the first event)."""
+        request.stream = True
+        chunks = proto.encode_chunks(request)
+        endpoint, source = await self._first_to_start(request.request_id,
+                                                      lambda endpoint: self._stream_on(endpoint, request, chunks))
+        return LMStream(self, endpoint, source)
+
+    async def _stream_on(self, endpoint: Endpoint, request: GenerateRequest,
+                         chunks: list[bytes | memoryview]) -> httpx.Response | RpcStream:
+        source = await self._send_to(endpoint, request, chunks, lambda rpc, address: rpc.open_stream(
+            address, "generate", chunks, gap_timeout_s=self.timeout_s))
+        if isinstance(source, httpx.Response):
+            content_type = source.headers.get("content-type", "")
+            if not content_type.startswith("text/event-stream"):
+                await source.aclose()
+                raise UpstreamError(f"the LM worker answered a stream request with "
+                                    f"{content_type or 'no content type'}")
+        return source
+
+    async def _send_to(self, endpoint: Endpoint, request: GenerateRequest, chunks: list[bytes | memoryview],
+                       call: Callable[[RpcClient, tuple[str, int]], Awaitable[T]]) -> T | httpx.Response:
+        """``call`` on ``endpoint``'s call channel if it has one; else, or when that cannot be
+        reached (nothing was sent), a POST whose 200 response comes back unread."""
         address = endpoint.rpc_address if self.rpc is not None else None
-        if address is not None:
+        if self.rpc is not None and address is not None:
             try:
-                return await self.rpc.call(address, "generate", chunks)  # type: ignore[union-attr]
+                return await call(self.rpc, address)
             except RpcUnavailable as exc:
                 endpoint.rpc_failed(str(exc))
             except RpcError as exc:
                 raise error_from_rpc(SERVICE, exc, idempotent=False) from exc
         headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
-        response = await self._post(endpoint, b"".join(chunks), headers)
-        try:
-            return await read_bounded(response, self.limits.max_message_bytes, service=SERVICE)
-        except httpx.HTTPError as exc:
-            raise error_from_exception(SERVICE, exc, idempotent=False) from exc
-        finally:
-            await response.aclose()
-
-    async def open_stream(self, request: GenerateRequest) -> LMStream:
-        """Start generating; returns once the worker accepted (status 200), before any token."""
-        request.stream = True
-        endpoint, response = await self._open(request)
-        content_type = response.headers.get("content-type", "")
-        if not content_type.startswith("text/event-stream"):
-            await response.aclose()
-            self.pool.release(endpoint)
-            raise UpstreamError(f"the LM worker answered a stream request with {content_type or 'no content type'}")
-        return LMStream(self, endpoint, response)
+        return await self._post(endpoint, b"".join(chunks), headers)
 
     def _failed(self, endpoint: Endpoint, error: GatewayError) -> None:
         if error.endpoint_fault:
@@ -249,12 +284,6 @@ class LMClient:
             except BaseException:
                 self.pool.release(endpoint)  # cancelled: the caller's disconnect
                 raise
-
-    async def _open(self, request: GenerateRequest) -> tuple[Endpoint, httpx.Response]:
-        """POST to a chosen endpoint; a 200 response (body unread, endpoint acquired) or an error."""
-        body = proto.encode(request)
-        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
-        return await self._first_to_start(request.request_id, lambda endpoint: self._post(endpoint, body, headers))
 
     async def _post(self, endpoint: Endpoint, body: bytes, headers: dict[str, str]) -> httpx.Response:
         request = self.client.build_request("POST", f"{endpoint.url}/v1/generate", content=body, headers=headers,

@@ -41,7 +41,7 @@ class GatewaySettings:
     port: int = 8000
     api_key: str | None = None
     internal_token: str | None = None  # sent as x-internal-token to encoders and LM workers
-    # auto: encodes and non-streaming generates go over the call channel an endpoint
+    # auto: encodes and generates (streams too) go over the call channel an endpoint
     # advertises in /ready (rpc_port), HTTP where none is; http: HTTP only.
     internal_transport: str = "auto"
     cache_bytes: int = 1 << 30

@@ -117,6 +117,8 @@ def error_from_rpc(service: str, exc: rpc.RpcError, *, idempotent: bool) -> Gate
         return error_from_status(service, exc.status, exc.body, idempotent=idempotent)
     if isinstance(exc, rpc.RpcUnavailable):
         return ServiceUnavailable(f"could not connect to the {service} ({exc})", retryable=True, endpoint_fault=True)
+    if isinstance(exc, rpc.RpcTimeout):
+        return UpstreamTimeout(f"the {service} did not answer in time ({exc})", endpoint_fault=True)
     if isinstance(exc, rpc.RpcConnectionLost):
         return UpstreamError(f"the connection to the {service} was lost ({exc})", retryable=idempotent,
                              endpoint_fault=True, connection_lost=True)

@@ -2,7 +2,7 @@
 ``GenerateRequest``s whose ``ImageForInsert``s carry features from the seeded tiny
 vision tower: greedy outputs equal an in-process run of the same checkpoint, streaming
 works, and a client that goes away mid-generation gets its slot freed, over HTTP and
-over the call channel alike."""
+over the call channel alike (streams included)."""
 
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def test_generates_over_the_call_channel_equal_the_in_process_run(worker, reques
         assert got.token_ids == want.token_ids and got.text == want.text
 
 
-def test_the_call_channel_refuses_bad_input_and_streams_and_frees_a_cancelled_calls_slot(worker, requests) -> None:
+def test_the_call_channel_refuses_bad_input_and_frees_a_cancelled_calls_slot(worker, requests) -> None:
     address = rpc_address(worker.url)
     aborted = metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"})
 
@@ -214,9 +214,6 @@ def test_the_call_channel_refuses_bad_input_and_streams_and_frees_a_cancelled_ca
                 await client.call(address, "generate", proto.encode_chunks(bad))
             assert refused.value.status == 400
             assert json.loads(refused.value.body)["error"]["field"] == "images[0].image_features"
-            with pytest.raises(RpcFailed) as streamed:
-                await client.call(address, "generate", proto.encode_chunks(dataclasses.replace(requests[0], stream=True)))
-            assert json.loads(streamed.value.body)["error"]["field"] == "stream"
             call = asyncio.ensure_future(client.call(address, "generate",
                                                      proto.encode_chunks(long_request(requests, stream=False))))
             await asyncio.sleep(0.5)
@@ -226,5 +223,38 @@ def test_the_call_channel_refuses_bad_input_and_streams_and_frees_a_cancelled_ca
             await client.aclose()
 
     asyncio.run(scenario())
+    wait_until(lambda: metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"}) == aborted + 1)
+    wait_until(lambda: metric(worker.url, "lm_worker_kv_cache_free_slots") == MAX_BATCH_SIZE)
+
+
+def test_a_stream_over_the_call_channel_matches_the_http_one_and_closing_it_frees_its_slot(
+        worker, requests, expected) -> None:
+    address = rpc_address(worker.url)
+    aborted = metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"})
+
+    async def scenario() -> list[dict]:
+        client = RpcClient()
+        try:
+            stream = await client.open_stream(address, "generate",
+                                              proto.encode_chunks(dataclasses.replace(requests[2], stream=True)))
+            events = [json.loads(item) async for item in stream.chunks()]
+            long = await client.open_stream(address, "generate",
+                                            proto.encode_chunks(long_request(requests, stream=True)))
+            received = 0
+            async for _ in long.chunks():
+                received += 1
+                if received == 3:
+                    break
+            await long.aclose()  # cancels the call: the worker aborts the sequence
+            return events
+        finally:
+            await client.aclose()
+
+    events = asyncio.run(scenario())
+    chunks, final = events[:-1], events[-1]
+    assert [t for chunk in chunks for t in chunk["token_ids"]] == expected[2].token_ids
+    assert "".join(chunk["text"] for chunk in chunks) == expected[2].text
+    assert final["finish_reason"] == "length" and final["completion_tokens"] == len(expected[2].token_ids)
+    assert final["prompt_tokens"] == expected[2].prompt_tokens and "ttft_ms" in final["timings"]
     wait_until(lambda: metric(worker.url, "lm_worker_requests_total", {"finish_reason": "abort"}) == aborted + 1)
     wait_until(lambda: metric(worker.url, "lm_worker_kv_cache_free_slots") == MAX_BATCH_SIZE)

@@ -2,13 +2,14 @@
 in for an encoder and an LM worker, the HTTP side faked.
 
 Answers equal the HTTP path's, refusals map to the same gateway errors, a cancelled
-generate and a timed-out encode cancel the service's work, and an endpoint whose
-channel cannot be reached is served over HTTP instead.
+generate, a closed stream and a timed-out encode cancel the service's work, and an
+endpoint whose channel cannot be reached is served over HTTP instead.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 
 import httpx
@@ -19,8 +20,8 @@ import proto
 from encoder_server.errors import BadImage
 from services.common.rpc import RpcClient, RpcListen, RpcServer
 from services.gateway.encoder_client import EncoderClient, NativeEncoderTransport
-from services.gateway.errors import InvalidRequest, UpstreamTimeout
-from services.gateway.lm_client import LMClient
+from services.gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout
+from services.gateway.lm_client import LMClient, StreamFinish, TokenDelta
 from services.gateway.pool import EndpointPool
 
 
@@ -136,6 +137,98 @@ def test_an_encode_that_takes_too_long_times_out_and_is_cancelled_on_the_encoder
                 await client.encode([png()], request_id="slow")
             await asyncio.wait_for(hang.cancelled.wait(), 5)
             assert pool.endpoints[0].consecutive_failures == 1 and pool.endpoints[0].outstanding == 0
+        finally:
+            await rpc.aclose()
+            await server.stop()
+
+    run(scenario())
+
+
+def streaming_lm(words: list[str], closed: asyncio.Event, *, fail_at: int | None = None) -> RpcServer:
+    """A streamed generate as the LM worker answers one: its SSE events' JSON, one per chunk."""
+
+    async def generate(payload: bytes):
+        request = proto.decode(payload, expect=proto.GenerateRequest)
+        assert request.stream
+
+        async def events():
+            try:
+                for index, word in enumerate(words):
+                    if index == fail_at:
+                        raise RuntimeError("device lost")
+                    yield [json.dumps({"token_ids": [10 + index], "text": f" {word}" if index else word}).encode()]
+                    await asyncio.sleep(0)
+                yield [json.dumps({"request_id": request.request_id, "finish_reason": "stop", "prompt_tokens": 7,
+                                   "completion_tokens": len(words), "cached_tokens": 4,
+                                   "timings": {"prefill_ms": 1.5}}).encode()]
+            finally:
+                closed.set()
+
+        return events()
+
+    return RpcServer({"generate": generate}, max_frame_bytes=1 << 24)
+
+
+async def _lm_over(server: RpcServer) -> tuple[LMClient, EndpointPool, RpcClient]:
+    rpc = RpcClient()
+    pool = EndpointPool("lm", ["http://127.0.0.1"], rpc=rpc)
+    pool.endpoints[0].rpc_port = await server.start(RpcListen())
+    http = httpx.AsyncClient(transport=httpx.MockTransport(lambda request: httpx.Response(500)))  # never used
+    return LMClient(pool, http, rpc=rpc), pool, rpc
+
+
+def test_a_stream_goes_over_the_channel_event_by_event() -> None:
+    async def scenario():
+        closed = asyncio.Event()
+        server = streaming_lm(["a", "red", "circle"], closed)
+        lm, pool, rpc = await _lm_over(server)
+        try:
+            stream = await lm.open_stream(proto.GenerateRequest(request_id="s", prompt="hi"))
+            events = [event async for event in stream.events()]
+            await stream.aclose()
+            *deltas, finish = events
+            assert "".join(delta.text for delta in deltas) == "a red circle"
+            assert [t for delta in deltas for t in delta.token_ids] == [10, 11, 12]
+            assert isinstance(finish, StreamFinish) and finish.finish_reason == "stop"
+            assert (finish.prompt_tokens, finish.completion_tokens, finish.cached_tokens) == (7, 3, 4)
+            assert finish.timings == {"prefill_ms": 1.5}
+            assert pool.endpoints[0].outstanding == 0 and pool.endpoints[0].consecutive_failures == 0
+        finally:
+            await rpc.aclose()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_closing_a_stream_midway_cancels_it_on_the_worker_and_a_failure_midway_is_an_upstream_error() -> None:
+    async def scenario():
+        closed = asyncio.Event()
+        server = streaming_lm([f"w{i}" for i in range(1000)], closed)
+        lm, pool, rpc = await _lm_over(server)
+        try:
+            stream = await lm.open_stream(proto.GenerateRequest(request_id="s", prompt="hi"))
+            first = await stream.events().__anext__()
+            assert isinstance(first, TokenDelta) and first.text == "w0"
+            await stream.aclose()
+            await asyncio.wait_for(closed.wait(), 5)
+            assert pool.endpoints[0].outstanding == 0
+        finally:
+            await rpc.aclose()
+            await server.stop()
+
+        closed = asyncio.Event()
+        server = streaming_lm(["a", "b", "c"], closed, fail_at=2)
+        lm, pool, rpc = await _lm_over(server)
+        try:
+            stream = await lm.open_stream(proto.GenerateRequest(request_id="f", prompt="hi"))
+            texts = []
+            with pytest.raises(GatewayError) as failed:
+                async for event in stream.events():
+                    texts.append(event.text)
+            await stream.aclose()
+            assert texts == ["a", " b"]
+            assert failed.value.status >= 500
+            assert pool.endpoints[0].consecutive_failures == 1
         finally:
             await rpc.aclose()
             await server.stop()

@@ -348,3 +348,142 @@ def test_a_server_without_a_token_takes_a_hello_with_one_and_a_silent_peer_is_cl
             await server.stop()
 
     _run(scenario())
+
+
+class Counting:
+    """A streamed answer: ``int(payload)`` items ``b"0"``, ``b"1"``, …; an item ``fail_at``
+    raises instead; ``slow`` waits for ``release`` before each item after the first.
+    Records whether its generator was closed."""
+
+    def __init__(self, *, fail_at: int | None = None, slow: bool = False, refuse: bool = False) -> None:
+        self.fail_at, self.slow, self.refuse = fail_at, slow, refuse
+        self.release = asyncio.Event()
+        self.closed = asyncio.Event()
+
+    async def __call__(self, payload: bytes):
+        if self.refuse:
+            raise MalformedMessage("prompt", "refused before the stream started")
+        return self._items(int(payload))
+
+    async def _items(self, count: int):
+        try:
+            for index in range(count):
+                if index == self.fail_at:
+                    raise MalformedMessage("stream", "failed midway")
+                if self.slow and index:
+                    await self.release.wait()
+                yield [str(index).encode()]
+        finally:
+            self.closed.set()
+
+
+async def _collect(stream: rpc.RpcStream) -> list[bytes]:
+    return [item async for item in stream.chunks()]
+
+
+def test_a_streamed_answer_comes_item_by_item_then_ends_and_the_connection_serves_on() -> None:
+    async def scenario():
+        calls: list[tuple[str, int]] = []
+        server, address = await _serve({"generate": Counting(), "encode": _echo},
+                                       on_call=lambda method, status, seconds: calls.append((method, status)))
+        client = RpcClient()
+        try:
+            streams = [await client.open_stream(address, "generate", [str(n).encode()]) for n in (5, 1, 3)]
+            got = await asyncio.gather(*(_collect(s) for s in streams))
+            assert got == [[b"0", b"1", b"2", b"3", b"4"], [b"0"], [b"0", b"1", b"2"]]
+            empty = await client.open_stream(address, "generate", [b"0"])
+            assert await _collect(empty) == []
+            assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
+            assert calls == [("generate", 200)] * 4 + [("encode", 200)]
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_stream_refused_before_it_starts_raises_at_open_and_one_failing_midway_raises_in_order() -> None:
+    async def scenario():
+        server, address = await _serve({"generate": Counting(fail_at=2), "encode": Counting(refuse=True)})
+        client = RpcClient()
+        try:
+            with pytest.raises(RpcFailed) as refused:
+                await client.open_stream(address, "encode", [b"3"])
+            assert refused.value.status == 400 and json.loads(refused.value.body)["error"]["field"] == "prompt"
+            stream = await client.open_stream(address, "generate", [b"5"])
+            items: list[bytes] = []
+            with pytest.raises(RpcFailed) as midway:
+                async for item in stream.chunks():
+                    items.append(item)
+            assert items == [b"0", b"1"]
+            assert midway.value.status == 400 and json.loads(midway.value.body)["error"]["field"] == "stream"
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_closing_a_stream_midway_closes_the_servers_generator() -> None:
+    async def scenario():
+        counting = Counting(slow=True)
+        statuses: list[int] = []
+        server, address = await _serve({"generate": counting},
+                                       on_call=lambda method, status, seconds: statuses.append(status))
+        client = RpcClient()
+        try:
+            stream = await client.open_stream(address, "generate", [b"100"])
+            assert await stream.chunks().__anext__() == b"0"
+            await stream.aclose()
+            await asyncio.wait_for(counting.closed.wait(), 5)
+            for _ in range(100):  # the server's task records its end once cancelled
+                if statuses:
+                    break
+                await asyncio.sleep(0.01)
+            assert statuses == [499]
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_stream_is_bounded_per_item_in_size_and_in_waiting_time() -> None:
+    async def big_items(payload: bytes):
+        async def items():
+            yield [b"small"]
+            yield [bytes(int(payload))]
+        return items()
+
+    async def scenario():
+        counting = Counting(slow=True)
+        server, address = await _serve({"generate": big_items, "encode": counting})
+        client = RpcClient(max_reply_bytes=500)
+        try:
+            stream = await client.open_stream(address, "generate", [b"2000"])
+            with pytest.raises(RpcProtocolError):
+                await _collect(stream)
+            slow = await client.open_stream(address, "encode", [b"3"], gap_timeout_s=0.2)
+            with pytest.raises(rpc.RpcTimeout):
+                await _collect(slow)
+            await slow.aclose()  # ended by its timeout: nothing left to cancel
+            await asyncio.wait_for(counting.closed.wait(), 5)  # the timeout cancelled it there
+        finally:
+            await client.aclose()
+            await server.stop()
+
+    _run(scenario())
+
+
+def test_a_lost_connection_fails_an_open_stream() -> None:
+    async def scenario():
+        counting = Counting(slow=True)
+        server, address = await _serve({"generate": counting})
+        client = RpcClient()
+        stream = await client.open_stream(address, "generate", [b"5"])
+        await server.stop(grace_s=0)
+        with pytest.raises(RpcConnectionLost):
+            await _collect(stream)
+        await client.aclose()
+
+    _run(scenario())
