@@ -184,7 +184,10 @@ def run_point(stack: Stack, over_http: ServiceProcess, captioner: InProcessCapti
             reuse = 0.5 if variant == "decoupled_reuse50" else 0.0
             url = over_http.url if variant == "decoupled_http" else stack.url
             before, tokens_before = services_cpu(stack), prefix_cache_tokens(stack)
-            summary = decoupled_point(url, concurrency, args.requests, seed + (500 if reuse else 0), reuse)
+            # Each variant its own images: the LM worker's prefix cache is shared by both
+            # gateways, and a scene another variant sent would start from its cached prompt.
+            offset = {"decoupled": 0, "decoupled_reuse50": 500, "decoupled_http": 700}[variant]
+            summary = decoupled_point(url, concurrency, args.requests, seed + offset, reuse)
             after, tokens_after = services_cpu(stack), prefix_cache_tokens(stack)
             # The services do nothing between points, so their CPU time over a point is its
             # requests' (warm-up's two included); the load tester's client is counted apart

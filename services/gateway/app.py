@@ -127,7 +127,8 @@ def build_state(settings: GatewaySettings, transports: Transports | None = None)
                                 eject_after_failures=settings.eject_after_failures,
                                 probe_timeout_s=settings.connect_timeout_s, rpc=rpc if encoder_rpc else None)
     lm_pool = EndpointPool("lm", settings.lm_urls, eject_after_failures=settings.eject_after_failures,
-                           probe_timeout_s=settings.connect_timeout_s, rpc=rpc if lm_rpc else None)
+                           probe_timeout_s=settings.connect_timeout_s, rpc=rpc if lm_rpc else None,
+                           affinity_slack=settings.lm_affinity_slack)
     clients = {name: _client(getattr(transports, name), settings, internal=name != "fetch")
                for name in ("encoder", "lm", "fetch")}
     cache = FeatureCache(settings.cache_bytes)

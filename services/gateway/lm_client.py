@@ -13,6 +13,7 @@ either way it frees the sequence's KV-cache slot, as cancelling a generate does.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -20,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import httpx
+import torch
 
 import proto
 from proto import GenerateRequest, GenerateResponse
@@ -27,6 +29,7 @@ from proto.messages import FINISH_REASONS
 from services.common.rpc import RpcClient, RpcError, RpcStream, RpcUnavailable
 from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
 from services.gateway.pool import Endpoint, EndpointPool
+from services.gateway.protocol import IMAGE_PLACEHOLDER
 from services.gateway.sse import iter_events
 from services.gateway.upstream import (
     error_from_exception,
@@ -35,13 +38,14 @@ from services.gateway.upstream import (
     read_bounded,
 )
 
-__all__ = ["LMClient", "LMStream", "StreamFinish", "TokenDelta"]
+__all__ = ["LMClient", "LMStream", "StreamFinish", "TokenDelta", "affinity_key"]
 
 logger = logging.getLogger(__name__)
 
 SERVICE = "LM worker"
 T = TypeVar("T")
 _FINISH_REASONS = frozenset(FINISH_REASONS)
+_AFFINITY_VALUES = 256  # leading feature values that stand for an image in affinity_key
 
 
 @dataclass
@@ -92,6 +96,22 @@ def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
         raise UpstreamError(f"the LM worker streamed a malformed final event (finish_reason={reason!r})")
     clean = {str(k): float(v) for k, v in timings.items() if isinstance(v, (int, float))}
     return StreamFinish(reason, prompt_tokens, completion_tokens, clean, cached_tokens)
+
+
+def affinity_key(request: GenerateRequest) -> bytes | None:
+    """What names the LM worker likely to hold ``request``'s prompt prefix: the text before
+    its first image and that image's leading feature values (None without images).
+
+    Routing only: two images that share their first values would share a worker, never
+    an answer (the worker's prefix cache keys hash every value)."""
+    if not request.images or request.images[0].image_features is None:
+        return None
+    first = next(proto.feature_blocks(request.images[0].image_features))  # [L, C]
+    head = first.reshape(-1)[:_AFFINITY_VALUES].contiguous()
+    key = hashlib.blake2b((request.prompt or "").split(IMAGE_PLACEHOLDER, 1)[0].encode(), digest_size=16)
+    key.update(str(head.dtype).encode())
+    key.update(head.view(torch.uint8).numpy())
+    return key.digest()
 
 
 class LMStream:
@@ -189,7 +209,7 @@ class LMClient:
     async def _generate(self, request: GenerateRequest) -> GenerateResponse:
         request.stream = False
         chunks = proto.encode_chunks(request)
-        endpoint, data = await self._first_to_start(request.request_id,
+        endpoint, data = await self._first_to_start(request.request_id, affinity_key(request),
                                                     lambda endpoint: self._generate_on(endpoint, request, chunks))
         self.pool.release(endpoint)
         try:
@@ -218,7 +238,7 @@ class LMClient:
         any token; over the call channel: with the first event)."""
         request.stream = True
         chunks = proto.encode_chunks(request)
-        endpoint, source = await self._first_to_start(request.request_id,
+        endpoint, source = await self._first_to_start(request.request_id, affinity_key(request),
                                                       lambda endpoint: self._stream_on(endpoint, request, chunks))
         return LMStream(self, endpoint, source)
 
@@ -255,7 +275,7 @@ class LMClient:
         if self.on_error is not None:
             self.on_error(SERVICE, error)
 
-    async def _first_to_start(self, request_id: str,
+    async def _first_to_start(self, request_id: str, affinity: bytes | None,
                               attempt: Callable[[Endpoint], Awaitable[T]]) -> tuple[Endpoint, T]:
         """``attempt`` on one endpoint after another until one answers: a failure that
         provably did nothing (a refused connection, a busy worker) moves on, any other
@@ -265,7 +285,7 @@ class LMClient:
         last_error: GatewayError | None = None
         while True:
             try:
-                endpoint = self.pool.acquire(exclude=tried)
+                endpoint = self.pool.acquire(exclude=tried, affinity=affinity)
             except ServiceUnavailable:
                 if last_error is not None:
                     raise last_error from None

@@ -11,11 +11,19 @@ it back once it answers 200. Given an ``rpc`` client, the probe also learns the 
 of the endpoint's call channel (``rpc_port`` in the ``/ready`` body) and connects to
 it, off the request path: calls go there once that worked, over HTTP otherwise, and
 over HTTP again for a while after a call finds the channel unreachable.
+
+A request may carry an *affinity* key (the LM tier's: its first image and the text
+before it). Rendezvous hashing ranks the ready endpoints for that key; the top one
+takes the request unless it has more than ``affinity_slack`` requests in flight beyond
+the least busy endpoint. The same image thus keeps reaching the LM worker whose prefix
+cache holds its prompt, endpoints joining or leaving move only their own keys, and a
+hot image cannot pile its requests onto one worker while others idle.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import itertools
 import logging
 import time
@@ -78,7 +86,11 @@ class EndpointPool:
     """The endpoints of one downstream service (``name`` appears in errors and metrics)."""
 
     def __init__(self, name: str, urls: Iterable[str], *, ready_path: str = "/ready",
-                 eject_after_failures: int = 3, probe_timeout_s: float = 5.0, rpc: RpcClient | None = None) -> None:
+                 eject_after_failures: int = 3, probe_timeout_s: float = 5.0, rpc: RpcClient | None = None,
+                 affinity_slack: int = -1) -> None:
+        """``affinity_slack``: how many more requests in flight than the least busy endpoint
+        the one an affinity key ranks first may have and still take the request (-1: keys
+        are ignored, the least busy endpoint always takes it)."""
         self.name = name
         self.endpoints = [Endpoint(url.rstrip("/")) for url in urls]
         if not self.endpoints:
@@ -87,11 +99,13 @@ class EndpointPool:
         self.eject_after_failures = eject_after_failures
         self.probe_timeout = httpx.Timeout(probe_timeout_s)
         self.rpc = rpc
+        self.affinity_slack = affinity_slack
         self._rotation = itertools.count()
 
     # ---- choice ------------------------------------------------------------------
-    def choose(self, exclude: Iterable[Endpoint] = ()) -> Endpoint:
-        """The ready endpoint with the fewest requests in flight (ties rotate)."""
+    def choose(self, exclude: Iterable[Endpoint] = (), affinity: bytes | None = None) -> Endpoint:
+        """The ready endpoint with the fewest requests in flight (ties rotate), or the one
+        ``affinity`` ranks first while it is within ``affinity_slack`` of that."""
         excluded = set(exclude)
         candidates = [e for e in self.endpoints if e.ready and e not in excluded]
         if not candidates:
@@ -99,12 +113,16 @@ class EndpointPool:
                 f"no ready {self.name} endpoint ({len(self.endpoints)} configured, "
                 f"{sum(e.ready for e in self.endpoints)} ready, {len(excluded)} already tried)")
         fewest = min(e.outstanding for e in candidates)
+        if affinity is not None and self.affinity_slack >= 0:
+            preferred = max(candidates, key=lambda e: hashlib.blake2b(affinity + e.url.encode(), digest_size=8).digest())
+            if preferred.outstanding <= fewest + self.affinity_slack:
+                return preferred
         tied = [e for e in candidates if e.outstanding == fewest]
         return tied[next(self._rotation) % len(tied)]
 
-    def acquire(self, exclude: Iterable[Endpoint] = ()) -> Endpoint:
+    def acquire(self, exclude: Iterable[Endpoint] = (), affinity: bytes | None = None) -> Endpoint:
         """:meth:`choose`, counting the request as outstanding until :meth:`release`."""
-        endpoint = self.choose(exclude)
+        endpoint = self.choose(exclude, affinity)
         endpoint.outstanding += 1
         endpoint.requests += 1
         return endpoint

@@ -15,6 +15,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = [
+    "IMAGE_PLACEHOLDER",
     "CaptionOptions",
     "CaptionRequest",
     "CaptionResponse",
@@ -35,6 +36,7 @@ __all__ = [
 ]
 
 MAX_STOP_SEQUENCES = 4  # OpenAI's bound
+IMAGE_PLACEHOLDER = "<image>"  # where an image goes in the prompt the LM worker expands
 
 
 class _Request(BaseModel):

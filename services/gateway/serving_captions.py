@@ -12,9 +12,8 @@ from __future__ import annotations
 from proto import GenerateRequest, GenerateResponse
 from services.gateway.errors import InvalidRequest, ServiceUnavailable
 from services.gateway.features import join_encoded
-from services.gateway.protocol import CaptionResponse, Usage
+from services.gateway.protocol import IMAGE_PLACEHOLDER, CaptionResponse, Usage
 from services.gateway.serving import ImageSource, Pipeline, gather_or_cancel
-from services.gateway.serving_chat import IMAGE_PLACEHOLDER
 from services.gateway.timing import StageTimer
 
 __all__ = ["CaptionService", "caption_prompt"]

@@ -26,6 +26,7 @@ from services.gateway.errors import GatewayError, InvalidRequest, ServiceUnavail
 from services.gateway.features import join_encoded
 from services.gateway.lm_client import LMStream, StreamFinish
 from services.gateway.protocol import (
+    IMAGE_PLACEHOLDER,
     ChatCompletionChunk,
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -40,11 +41,10 @@ from services.gateway.serving import ImageSource, Pipeline
 from services.gateway.sse import DONE, format_event
 from services.gateway.timing import StageTimer
 
-__all__ = ["IMAGE_PLACEHOLDER", "ChatService", "ChatStream", "render_prompt"]
+__all__ = ["ChatService", "ChatStream", "render_prompt"]
 
 logger = logging.getLogger(__name__)
 
-IMAGE_PLACEHOLDER = "<image>"
 
 
 def render_prompt(messages: list[ChatMessage]) -> tuple[str, list[ImageSource]]:

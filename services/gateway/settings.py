@@ -63,6 +63,10 @@ class GatewaySettings:
     encoder_attempts: int = 2
     probe_interval_s: float = 5.0
     eject_after_failures: int = 3
+    # An image seen before goes to the LM worker it went to (its prefix cache holds the
+    # prompt) while that one has at most this many more requests in flight than the least
+    # busy worker; -1: always the least busy.
+    lm_affinity_slack: int = 4
     max_concurrent_requests: int = 256
     log_level: str = "info"
 
@@ -83,6 +87,8 @@ class GatewaySettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if self.default_max_tokens > self.max_tokens:
             raise ValueError(f"default_max_tokens {self.default_max_tokens} exceeds max_tokens {self.max_tokens}")
+        if self.lm_affinity_slack < -1:
+            raise ValueError(f"lm_affinity_slack must be >= -1 (-1 turns affinity off), got {self.lm_affinity_slack}")
         if self.cache_bytes < 0:
             raise ValueError(f"cache_bytes must be >= 0 (0 disables the cache), got {self.cache_bytes}")
         # Normalised here so every consumer compares like with like.
@@ -154,6 +160,9 @@ _FLAGS: dict[str, tuple[Callable[[str], Any], str]] = {
                                    "connection with none left, the same one again)"),
     "--probe-interval-s": (float, "seconds between readiness probes of each endpoint"),
     "--eject-after-failures": (int, "consecutive failures that take an endpoint out of rotation"),
+    "--lm-affinity-slack": (int, "send an image seen before to the LM worker whose prefix cache holds its prompt "
+                                 "while it has at most this many more requests in flight than the least busy "
+                                 "one (-1: always the least busy)"),
     "--max-concurrent-requests": (int, "requests served at once; more get 503 (overloaded)"),
     "--log-level": (str, "logging level"),
 }

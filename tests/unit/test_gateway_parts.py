@@ -13,8 +13,10 @@ import struct
 import httpx
 import numpy as np
 import pytest
+import torch
 from gateway_fakes import IM_START, FakeLM, chat_body, harness, png, png_bomb
 
+import proto
 import services.gateway
 from services import caption_client
 from services.cli import COMMANDS
@@ -26,6 +28,7 @@ from services.gateway.errors import (
     PayloadTooLarge,
 )
 from services.gateway.images import decode_base64_image, inspect_image, parse_data_url
+from services.gateway.lm_client import affinity_key
 from services.gateway.settings import GatewaySettings, add_gateway_arguments, settings_from_args
 from services.gateway.sse import iter_events
 from services.gateway.timing import StageTimer, remote_stages_ms
@@ -293,3 +296,19 @@ def test_stage_timer_reads_downstream_timings_and_derives_transfer():
         pass
     names = [item.split(";")[0] for item in timer.server_timing().split(", ")]
     assert names[0] == "encode" and "transfer" in names and names[-1] == "total"
+
+
+def test_affinity_key_names_the_first_image_and_the_text_before_it():
+    features = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+
+    def key(prompt: str, image_features: torch.Tensor | None) -> bytes | None:
+        images = [proto.ImageForInsert(4, image_features=image_features)] if image_features is not None else []
+        return affinity_key(proto.GenerateRequest(prompt=prompt, images=images))
+
+    base = key("<image> describe", features)
+    assert base is not None and key("<image> describe", features.clone()) == base
+    assert key("<image> count the shapes", features) == base  # text after the image: same prefix
+    assert key("look: <image> describe", features) != base
+    assert key("<image> describe", features[[1, 0]]) != base  # another first image
+    assert key("<image> describe", features.float()) != base
+    assert key("describe", None) is None

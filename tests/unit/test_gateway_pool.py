@@ -39,6 +39,33 @@ def test_acquire_counts_outstanding_until_release():
     assert pool.acquire() is first
 
 
+def test_an_affinity_key_keeps_its_endpoint_within_the_slack_and_keys_spread():
+    pool = EndpointPool("lm", ["http://a", "http://b", "http://c"], affinity_slack=2)
+    keys = [bytes([i]) * 8 for i in range(60)]
+    homes = {key: pool.choose(affinity=key) for key in keys}
+    assert all(pool.choose(affinity=key) is homes[key] for key in keys)  # stable, whatever the rotation
+    assert set(Counter(e.url for e in homes.values())) == {"http://a", "http://b", "http://c"}
+    key = keys[0]
+    home = homes[key]
+    others = [e for e in pool.endpoints if e is not home]
+    home.outstanding = 2  # within the slack of the idle others
+    assert pool.choose(affinity=key) is home
+    home.outstanding = 3  # beyond it: the least busy takes the request
+    assert pool.choose(affinity=key) in others
+    home.outstanding = 0
+    # Without its home (ejected, or tried already) a key has a stable second choice.
+    second = pool.choose(exclude=[home], affinity=key)
+    assert all(pool.choose(exclude=[home], affinity=key) is second for _ in range(5))
+    home.ready = False
+    assert pool.choose(affinity=key) is second
+
+
+def test_affinity_is_ignored_when_off():
+    pool = EndpointPool("lm", ["http://a", "http://b"])  # affinity_slack -1, the pool default
+    picks = Counter(pool.choose(affinity=b"same image").url for _ in range(10))
+    assert picks == {"http://a": 5, "http://b": 5}
+
+
 def test_ejected_after_consecutive_failures_and_readmitted_by_a_probe():
     async def scenario():
         ready = {"http://a": True, "http://b": False}
@@ -116,6 +143,23 @@ def test_concurrent_encodes_spread_over_replicas():
 
     run(scenario())
 
+
+
+def test_an_image_seen_before_goes_back_to_its_lm_worker():
+    async def scenario():
+        h = harness(cache_bytes=0, lm_urls=("http://lm-a", "http://lm-b"))  # no feature cache: LM routing alone
+        images = [png(colour=(40 * i, 7, 99)) for i in range(6)]
+        served: dict[int, str] = {}
+        for _ in range(3):
+            for index, image in enumerate(images):
+                before = {e.url: e.requests for e in h.state.lm_pool.endpoints}
+                response = await h.client.post("/v1/chat/completions", json=chat_body(image))
+                assert response.status_code == 200, response.text
+                (worker,) = [e.url for e in h.state.lm_pool.endpoints if e.requests > before[e.url]]
+                assert served.setdefault(index, worker) == worker
+        assert len(set(served.values())) == 2  # different images spread over both workers
+
+    run(scenario())
 
 
 def test_probes_connect_to_the_reported_call_channel_before_using_it():
