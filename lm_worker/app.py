@@ -51,7 +51,7 @@ def rpc_server(service: LMWorkerService, token: str | None = None) -> RpcServer:
             stream.cancel()  # a no-op when finished; frees the slot of a cancelled call
 
     return RpcServer({"generate": generate}, max_frame_bytes=service.settings.max_body_bytes,
-                     token=token, on_error=service.metrics.on_error)
+                     token=token, on_error=service.metrics.on_error, on_call=service.metrics.on_call)
 
 
 def create_app(service: LMWorkerService | LMWorkerSettings, *, rpc: RpcListen | None = None) -> FastAPI:

@@ -48,6 +48,8 @@ class LMWorkerMetrics:
         self.requests = Counter("lm_worker_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("lm_worker_errors", "Errors by kind", ["kind"], registry=r)
+        self.calls = Counter("lm_worker_channel_calls", "Calls on the call channel by method (generate, "
+                             "generate:stream) and status code", ["method", "code"], registry=r)
         self.tokens_per_second = Gauge("lm_worker_generation_tokens_per_second",
                                        "Tokens generated per second over the last few seconds",
                                        registry=r)
@@ -93,6 +95,10 @@ class LMWorkerMetrics:
     def on_error(self, kind: str) -> None:
         """Count one failed request (called where the error is answered, so once each)."""
         self.errors.labels(kind).inc()
+
+    def on_call(self, method: str, status: int, seconds: float) -> None:
+        """Count one finished call on the call channel (``RpcServer``'s ``on_call``)."""
+        self.calls.labels(method=method, code=str(status)).inc()
 
     # ---- tokens per second -----------------------------------------------------------
     def _trim(self, now: float) -> None:

@@ -143,7 +143,8 @@ class RpcServer:
 
     A handler raises to answer an error: a ``DescribedError`` becomes its status and
     body, anything else a logged 500. ``on_error(kind)`` counts errors for metrics,
-    ``on_call(method, status, seconds)`` every finished call.
+    ``on_call(method, status, seconds)`` every finished call (``method`` with
+    ``:stream`` appended for a streamed answer that started).
     """
 
     def __init__(self, handlers: Mapping[str, Handler], *, max_frame_bytes: int, token: str | None = None,
@@ -302,6 +303,7 @@ class _ServerConnection(asyncio.Protocol):
         try:
             answer = await handler(payload)
             if isinstance(answer, AsyncIterator):
+                method += ":stream"
                 await self._stream(call_id, answer)
                 answer = []
         except Exception as exc:

@@ -91,6 +91,10 @@ def test_openai_client_chat_completion_and_stream(stack, reference):
     # The same image and text again: the LM worker started from the prompt's cached prefix.
     assert chunks[-1].usage.prompt_tokens == completion.usage.prompt_tokens
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0
+    # Both went over the LM worker's call channel, the stream as a streamed call.
+    calls = "".join(httpx.get(f"{w.url}/metrics", timeout=30).text for w in stack.lm_workers)
+    assert metric_value(calls, "lm_worker_channel_calls_total", method="generate:stream", code="200") >= 1
+    assert metric_value(calls, "lm_worker_channel_calls_total", method="generate", code="200") >= 1
 
 
 def test_repeated_image_is_served_from_the_cache(stack):

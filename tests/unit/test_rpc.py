@@ -394,7 +394,7 @@ def test_a_streamed_answer_comes_item_by_item_then_ends_and_the_connection_serve
             empty = await client.open_stream(address, "generate", [b"0"])
             assert await _collect(empty) == []
             assert await client.call(address, "encode", [b"\x00a"]) == b"a\x00"
-            assert calls == [("generate", 200)] * 4 + [("encode", 200)]
+            assert calls == [("generate:stream", 200)] * 4 + [("encode", 200)]
         finally:
             await client.aclose()
             await server.stop()
