@@ -117,9 +117,16 @@ class PrefixCache:
             index = self._blocks.get(key)
             if index is None:
                 break
-            self._blocks.move_to_end(key)
             found.append(index)
+        self._mark_used(keys[: len(found)])
         return found
+
+    def _mark_used(self, keys: Sequence[bytes]) -> None:
+        """Most recent last, a prompt's first block last of all: eviction takes a prompt's
+        tail before its head, whose loss would strand every block after it."""
+        for key in reversed(keys):
+            if key in self._blocks:
+                self._blocks.move_to_end(key)
 
     def load(self, slot: int, blocks: Sequence[int]) -> int:
         """Copy ``blocks`` into the empty ``slot`` as its first positions; how many."""
@@ -149,7 +156,7 @@ class PrefixCache:
         if self.cache.length(slot) < len(keys) * self.block_size:
             raise ValueError(f"slot {slot} holds {self.cache.length(slot)} positions, fewer than "
                              f"{len(keys)} blocks of {self.block_size}")
-        sources, targets = [], []
+        sources, targets, added = [], [], []
         for position, key in enumerate(keys):
             if key in self._blocks:
                 self._blocks.move_to_end(key)
@@ -159,16 +166,26 @@ class PrefixCache:
             else:
                 _, index = self._blocks.popitem(last=False)
             self._blocks[key] = index
+            added.append(key)
             sources.append(position)
             targets.append(index)
-        if not sources:
-            return 0
+        try:
+            if sources:
+                self._copy_out(slot, len(keys), sources, targets)
+        except BaseException:
+            # Half-written blocks must not be found: forget them (what they evicted is gone).
+            for key in added:
+                self._free.append(self._blocks.pop(key))
+            raise
+        self._mark_used(keys)
+        return len(sources)
+
+    def _copy_out(self, slot: int, blocks: int, sources: list[int], targets: list[int]) -> None:
         device = self.keys[0].device
         source = torch.tensor(sources, dtype=torch.long, device=device)
         target_index = torch.tensor(targets, dtype=torch.long, device=device)
-        span = len(keys) * self.block_size
+        span = blocks * self.block_size
         for pool, cached in ((self.keys, self.cache.keys), (self.values, self.cache.values)):
             for layer, stored in enumerate(pool):
-                run = cached[layer][slot, :, :span].unflatten(1, (len(keys), self.block_size))  # [kv, n, block, D]
+                run = cached[layer][slot, :, :span].unflatten(1, (blocks, self.block_size))  # [kv, n, block, D]
                 stored.index_copy_(0, target_index, run.index_select(1, source).transpose(0, 1))
-        return len(sources)

@@ -201,6 +201,7 @@ class _ServerConnection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.frames = _Frames(server.max_frame_bytes)
         self.calls: dict[int, asyncio.Task] = {}
+        self.streaming: set[int] = set()  # calls whose answer is a stream under way
         self._hello = bytearray()  # until the hello is complete
         self._greeted = False
         self._loop = asyncio.get_running_loop()
@@ -304,6 +305,7 @@ class _ServerConnection(asyncio.Protocol):
             answer = await handler(payload)
             if isinstance(answer, AsyncIterator):
                 method += ":stream"
+                self.streaming.add(call_id)
                 await self._stream(call_id, answer)
                 answer = []
         except Exception as exc:
@@ -327,6 +329,9 @@ class _ServerConnection(asyncio.Protocol):
     def _forget(self, call_id: int, task: asyncio.Task, method: str, started: float) -> None:
         if self.calls.get(call_id) is task:
             del self.calls[call_id]
+            if call_id in self.streaming:
+                self.streaming.discard(call_id)
+                method += ":stream"
         if task.cancelled():
             self._record(method, 499, started)
 
@@ -421,6 +426,8 @@ class _ClientConnection(asyncio.Protocol):
             if queue is not None:
                 if kind != CHUNK or isinstance(payload, int):
                     del self.streams[call_id]  # the last frame of this stream
+                    if isinstance(payload, int) and kind == CHUNK and self.transport is not None:
+                        self.transport.write(HEADER.pack(CANCEL, call_id, 0, 0))  # its reader fails now
                 queue.put_nowait(self._stream_item(kind, code, payload))
                 continue
             future = self.pending.pop(call_id, None)

@@ -27,7 +27,13 @@ import proto
 from proto import GenerateRequest, GenerateResponse
 from proto.messages import FINISH_REASONS
 from services.common.rpc import RpcClient, RpcError, RpcStream, RpcUnavailable
-from services.gateway.errors import GatewayError, ServiceUnavailable, UpstreamError, UpstreamTimeout
+from services.gateway.errors import (
+    GatewayError,
+    InvalidRequest,
+    ServiceUnavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from services.gateway.pool import Endpoint, EndpointPool
 from services.gateway.protocol import IMAGE_PLACEHOLDER
 from services.gateway.sse import iter_events
@@ -174,6 +180,10 @@ class LMStream:
             self._client.pool.release(self._endpoint)
 
 
+def _headers(request: GenerateRequest) -> dict[str, str]:
+    return {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
+
+
 async def _decoded(chunks: AsyncIterator[bytes]) -> AsyncIterator[str]:
     async for chunk in chunks:
         yield chunk.decode()
@@ -244,8 +254,14 @@ class LMClient:
 
     async def _stream_on(self, endpoint: Endpoint, request: GenerateRequest,
                          chunks: list[bytes | memoryview]) -> httpx.Response | RpcStream:
-        source = await self._send_to(endpoint, request, chunks, lambda rpc, address: rpc.open_stream(
-            address, "generate", chunks, gap_timeout_s=self.timeout_s))
+        try:
+            source = await self._send_to(endpoint, request, chunks, lambda rpc, address: rpc.open_stream(
+                address, "generate", chunks, gap_timeout_s=self.timeout_s))
+        except InvalidRequest as exc:
+            if exc.upstream_field != "stream":
+                raise
+            # A worker from before streamed calls refuses them (a rolling upgrade): over HTTP.
+            source = await self._post(endpoint, b"".join(chunks), _headers(request))
         if isinstance(source, httpx.Response):
             content_type = source.headers.get("content-type", "")
             if not content_type.startswith("text/event-stream"):
@@ -266,8 +282,7 @@ class LMClient:
                 endpoint.rpc_failed(str(exc))
             except RpcError as exc:
                 raise error_from_rpc(SERVICE, exc, idempotent=False) from exc
-        headers = {"content-type": proto.CONTENT_TYPE, "x-request-id": request.request_id}
-        return await self._post(endpoint, b"".join(chunks), headers)
+        return await self._post(endpoint, b"".join(chunks), _headers(request))
 
     def _failed(self, endpoint: Endpoint, error: GatewayError) -> None:
         if error.endpoint_fault:

@@ -146,18 +146,27 @@ def test_concurrent_encodes_spread_over_replicas():
 
 
 def test_an_image_seen_before_goes_back_to_its_lm_worker():
-    async def scenario():
-        h = harness(cache_bytes=0, lm_urls=("http://lm-a", "http://lm-b"))  # no feature cache: LM routing alone
-        images = [png(colour=(40 * i, 7, 99)) for i in range(6)]
-        served: dict[int, str] = {}
+    async def workers_per_image(slack: int) -> dict[int, set[str]]:
+        # No feature cache: routing is the LM pool's alone. Five images, so plain rotation
+        # over two idle workers would send each image to the other worker the next round.
+        h = harness(cache_bytes=0, lm_urls=("http://lm-a", "http://lm-b"), lm_affinity_slack=slack)
+        images = [png(colour=(40 * i, 7, 99)) for i in range(5)]
+        served: dict[int, set[str]] = {}
         for _ in range(3):
             for index, image in enumerate(images):
                 before = {e.url: e.requests for e in h.state.lm_pool.endpoints}
                 response = await h.client.post("/v1/chat/completions", json=chat_body(image))
                 assert response.status_code == 200, response.text
                 (worker,) = [e.url for e in h.state.lm_pool.endpoints if e.requests > before[e.url]]
-                assert served.setdefault(index, worker) == worker
-        assert len(set(served.values())) == 2  # different images spread over both workers
+                served.setdefault(index, set()).add(worker)
+        return served
+
+    async def scenario():
+        with_affinity = await workers_per_image(4)
+        assert all(len(workers) == 1 for workers in with_affinity.values())
+        assert len(set.union(*with_affinity.values())) == 2  # different images spread over both workers
+        without = await workers_per_image(-1)
+        assert any(len(workers) == 2 for workers in without.values())
 
     run(scenario())
 

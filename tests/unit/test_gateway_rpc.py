@@ -18,6 +18,7 @@ from gateway_fakes import FakeEncoder, FakeLM, HangingCall, caption_of, png
 
 import proto
 from encoder_server.errors import BadImage
+from lm_worker.errors import ClientError
 from services.common.rpc import RpcClient, RpcListen, RpcServer
 from services.gateway.encoder_client import EncoderClient, NativeEncoderTransport
 from services.gateway.errors import GatewayError, InvalidRequest, UpstreamTimeout
@@ -229,6 +230,33 @@ def test_closing_a_stream_midway_cancels_it_on_the_worker_and_a_failure_midway_i
             assert texts == ["a", " b"]
             assert failed.value.status >= 500
             assert pool.endpoints[0].consecutive_failures == 1
+        finally:
+            await rpc.aclose()
+            await server.stop()
+
+    run(scenario())
+
+
+def test_a_worker_that_refuses_streamed_calls_streams_over_http() -> None:
+    async def scenario():
+        async def generate(payload: bytes) -> list[bytes]:  # a worker from before streamed calls
+            if proto.decode(payload, expect=proto.GenerateRequest).stream:
+                raise ClientError("stream", "a streamed generate goes to POST /v1/generate", True)
+            raise AssertionError("only streams are sent here")
+
+        server = RpcServer({"generate": generate}, max_frame_bytes=1 << 24)
+        fake = FakeLM()
+        rpc = RpcClient()
+        pool = EndpointPool("lm", ["http://127.0.0.1"], rpc=rpc)
+        pool.endpoints[0].rpc_port = await server.start(RpcListen())
+        lm = LMClient(pool, httpx.AsyncClient(transport=httpx.MockTransport(fake.handler)), rpc=rpc)
+        try:
+            request = proto.GenerateRequest(request_id="old", prompt="<image> describe")
+            stream = await lm.open_stream(request)
+            events = [event async for event in stream.events()]
+            await stream.aclose()
+            assert "".join(e.text for e in events if isinstance(e, TokenDelta)) == caption_of(fake.requests[0])
+            assert isinstance(events[-1], StreamFinish) and pool.endpoints[0].outstanding == 0
         finally:
             await rpc.aclose()
             await server.stop()

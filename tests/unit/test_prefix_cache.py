@@ -129,3 +129,31 @@ def test_within_sizes_the_pool_by_bytes(decoder: Step37Decoder) -> None:
     cache = PrefixCache.within(backend.cache, block_size=BLOCK, max_bytes=10 * block_bytes + 1)
     assert cache is not None and cache.max_blocks == 10
     assert PrefixCache.within(backend.cache, block_size=BLOCK, max_bytes=block_bytes - 1) is None
+
+
+def test_eviction_takes_a_prompts_tail_before_its_head(decoder: Step37Decoder) -> None:
+    backend = LocalDecoderBackend(decoder, max_batch_size=2, max_seq_len=128)
+    cache = PrefixCache(backend.cache, block_size=BLOCK, max_blocks=3)
+    slot = backend.allocate()
+    backend.prefill([slot], [torch.randn(13, decoder.config.hidden_size)])
+    cache.store(slot, [b"a", b"b", b"c"])
+    cache.store(slot, [b"d"])  # evicts the prompt's last block, not its first
+    assert len(cache.match([b"a", b"b", b"c"])) == 2
+
+
+def test_a_failed_copy_leaves_no_block_that_could_be_found(decoder: Step37Decoder, monkeypatch) -> None:
+    backend = LocalDecoderBackend(decoder, max_batch_size=2, max_seq_len=128)
+    cache = PrefixCache(backend.cache, block_size=BLOCK, max_blocks=2)
+    slot = backend.allocate()
+    backend.prefill([slot], [torch.randn(13, decoder.config.hidden_size)])
+    cache.store(slot, [b"a", b"b"])
+
+    def out_of_memory(*args: object) -> None:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(cache, "_copy_out", out_of_memory)
+    with pytest.raises(RuntimeError):
+        cache.store(slot, [b"x", b"y"])  # evicts a and b, then fails to write x and y
+    assert cache.match([b"x"]) == [] and cache.match([b"a"]) == [] and len(cache) == 0
+    monkeypatch.undo()
+    assert cache.store(slot, [b"x", b"y"]) == 2 and len(cache.match([b"x", b"y"])) == 2

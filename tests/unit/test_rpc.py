@@ -429,7 +429,7 @@ def test_closing_a_stream_midway_closes_the_servers_generator() -> None:
         counting = Counting(slow=True)
         statuses: list[int] = []
         server, address = await _serve({"generate": counting},
-                                       on_call=lambda method, status, seconds: statuses.append(status))
+                                       on_call=lambda method, status, seconds: statuses.append((method, status)))
         client = RpcClient()
         try:
             stream = await client.open_stream(address, "generate", [b"100"])
@@ -440,7 +440,7 @@ def test_closing_a_stream_midway_closes_the_servers_generator() -> None:
                 if statuses:
                     break
                 await asyncio.sleep(0.01)
-            assert statuses == [499]
+            assert statuses == [("generate:stream", 499)]
         finally:
             await client.aclose()
             await server.stop()
@@ -449,10 +449,16 @@ def test_closing_a_stream_midway_closes_the_servers_generator() -> None:
 
 
 def test_a_stream_is_bounded_per_item_in_size_and_in_waiting_time() -> None:
+    big_closed = asyncio.Event()
+
     async def big_items(payload: bytes):
         async def items():
-            yield [b"small"]
-            yield [bytes(int(payload))]
+            try:
+                yield [b"small"]
+                yield [bytes(int(payload))]
+                await asyncio.Event().wait()  # would go on for ever unless cancelled
+            finally:
+                big_closed.set()
         return items()
 
     async def scenario():
@@ -463,6 +469,7 @@ def test_a_stream_is_bounded_per_item_in_size_and_in_waiting_time() -> None:
             stream = await client.open_stream(address, "generate", [b"2000"])
             with pytest.raises(RpcProtocolError):
                 await _collect(stream)
+            await asyncio.wait_for(big_closed.wait(), 5)  # the oversized item cancelled it there
             slow = await client.open_stream(address, "encode", [b"3"], gap_timeout_s=0.2)
             with pytest.raises(rpc.RpcTimeout):
                 await _collect(slow)
