@@ -10,7 +10,7 @@ the round trip it records the client's own CPU time per call (its thread's). Eve
 request the gateway serves makes two such calls, so over HTTP (``--internal-transport
 http``) twice this is the part of ``transfer`` (bench/e2e.py) that no serialisation
 change removes. By default the gateway calls its tiers over their call channel
-(``services/common/rpc.py``), which skips these HTTP stacks.
+(``services/common/rpc/``), which skips these HTTP stacks.
 """
 
 from __future__ import annotations

@@ -299,7 +299,7 @@ def http_floor(wire_ms: float, latency_ms: float, over_http: dict | None, level:
             f"(LM worker) here through the gateway's HTTP client (httpx's own client and transport: "
             f"{theirs['encoder']['median_ms']:.1f} and {theirs['lm_worker']['median_ms']:.1f} ms), so two HTTP "
             f"calls cost {floor:.1f} ms ({100 * floor / latency_ms:.1f} % of a request) before any body is sent. "
-            f"The gateway calls both tiers over their call channel (`services/common/rpc.py`): the whole wire, "
+            f"The gateway calls both tiers over their call channel (`services/common/rpc/`): the whole wire, "
             f"bodies, msgpack and the hand-offs between event loops and model threads included, took "
             f"{wire_ms:.1f} ms.{same_run} HTTP floor: " + provenance(result), ""]
 

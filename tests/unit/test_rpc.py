@@ -17,17 +17,20 @@ import pytest
 from gateway_fakes import HangingCall
 
 from proto.errors import MalformedMessage
-from services.common import rpc
 from services.common.rpc import (
-    HEADER,
     RpcClient,
     RpcConnectionLost,
     RpcFailed,
     RpcListen,
     RpcProtocolError,
     RpcServer,
+    RpcStream,
+    RpcTimeout,
     RpcUnavailable,
 )
+from services.common.rpc import frames as rpc
+from services.common.rpc import server as rpc_server
+from services.common.rpc.frames import HEADER
 
 
 async def _echo(payload: bytes) -> list[bytes]:
@@ -51,7 +54,7 @@ def test_frames_split_at_any_byte_come_out_whole() -> None:
     frames = [(rpc.CALL, i + 1, 2, bytes(rng.randrange(256) for _ in range(rng.randrange(0, 300)))) for i in range(40)]
     stream = b"".join(HEADER.pack(kind, call_id, code, len(payload)) + payload
                       for kind, call_id, code, payload in frames)
-    parser = rpc._Frames(max_payload=1000)
+    parser = rpc.Frames(max_payload=1000)
     out, position = [], 0
     while position < len(stream):
         step = rng.randrange(1, 50)
@@ -64,7 +67,7 @@ def test_a_frame_over_the_limit_is_reported_and_skipped_whatever_the_split() -> 
     big = HEADER.pack(rpc.CALL, 1, 1, 5000) + bytes(5000)
     small = HEADER.pack(rpc.CALL, 2, 1, 3) + b"abc"
     for step in (1, 7, 100, 6000):
-        parser = rpc._Frames(max_payload=1000)
+        parser = rpc.Frames(max_payload=1000)
         stream, out = big + small, []
         for position in range(0, len(stream), step):
             out += list(parser.feed(stream[position:position + step]))
@@ -249,7 +252,7 @@ def test_no_server_is_unavailable_and_a_lost_connection_fails_calls_in_flight() 
 async def _raw_hello(address: tuple[str, int]) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A hand-made client: connected, hello sent and answered."""
     reader, writer = await asyncio.open_connection(*address)
-    writer.write(rpc.MAGIC + rpc._TOKEN_LENGTH.pack(0))
+    writer.write(rpc.MAGIC + rpc.TOKEN_LENGTH.pack(0))
     kind, _call_id, _code, _length = HEADER.unpack(await reader.readexactly(HEADER.size))
     assert kind == rpc.HELLO
     return reader, writer
@@ -333,7 +336,7 @@ def test_stopping_refuses_new_calls_as_busy_and_lets_running_ones_finish() -> No
 
 
 def test_a_server_without_a_token_takes_a_hello_with_one_and_a_silent_peer_is_closed(monkeypatch) -> None:
-    monkeypatch.setattr(rpc, "HELLO_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(rpc_server, "HELLO_TIMEOUT_S", 0.1)
 
     async def scenario():
         server, address = await _serve()
@@ -377,7 +380,7 @@ class Counting:
             self.closed.set()
 
 
-async def _collect(stream: rpc.RpcStream) -> list[bytes]:
+async def _collect(stream: RpcStream) -> list[bytes]:
     return [item async for item in stream.chunks()]
 
 
@@ -471,7 +474,7 @@ def test_a_stream_is_bounded_per_item_in_size_and_in_waiting_time() -> None:
                 await _collect(stream)
             await asyncio.wait_for(big_closed.wait(), 5)  # the oversized item cancelled it there
             slow = await client.open_stream(address, "encode", [b"3"], gap_timeout_s=0.2)
-            with pytest.raises(rpc.RpcTimeout):
+            with pytest.raises(RpcTimeout):
                 await _collect(slow)
             await slow.aclose()  # ended by its timeout: nothing left to cancel
             await asyncio.wait_for(counting.closed.wait(), 5)  # the timeout cancelled it there
