@@ -10,7 +10,9 @@ whose start token lies in block ``i``. Causal attention from absolute position 0
 position's keys and values a function of the embeddings at and before it, and an image
 changes the embeddings right after its start token, so a chained key names everything
 that determines its block. Only full blocks before the prompt's last position are kept:
-that position's logits are computed in every case.
+that position's logits are computed in every case. A request's ``cache_salt`` seeds the
+chain: a hit is faster than a miss, so without salts a client could time whether another
+sent the same image and text before; with them, tenants share nothing.
 
 **Storage.** A pool of blocks ``[blocks, kv_heads, block_size, head_dim]`` per layer, in
 the KV cache's dtype and on its device, with least-recently-used eviction. The slot
@@ -56,8 +58,12 @@ def _image_digests(prompt_ids: Sequence[int], images: Sequence[ImageForInsert]) 
     return digests
 
 
-def prefix_block_keys(prompt_ids: Sequence[int], images: Sequence[ImageForInsert], block_size: int) -> list[bytes]:
-    """Chained keys of the full blocks of ``prompt_ids`` before its last position."""
+def prefix_block_keys(prompt_ids: Sequence[int], images: Sequence[ImageForInsert], block_size: int,
+                      salt: str | None = None) -> list[bytes]:
+    """Chained keys of the full blocks of ``prompt_ids`` before its last position.
+
+    A ``salt`` (the request's ``cache_salt``) starts the chain, so salted prompts match
+    only prompts of the same salt, and unsalted ones only unsalted ones."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     count = (len(prompt_ids) - 1) // block_size
@@ -67,7 +73,8 @@ def prefix_block_keys(prompt_ids: Sequence[int], images: Sequence[ImageForInsert
     if digests is None:
         return []
     keys: list[bytes] = []
-    previous = b""
+    previous = b"" if salt is None else hashlib.blake2b(salt.encode(), digest_size=_DIGEST_BYTES,
+                                                        person=b"cache-salt").digest()
     for index in range(count):
         first, end = index * block_size, (index + 1) * block_size
         key = hashlib.blake2b(previous, digest_size=_DIGEST_BYTES)

@@ -84,7 +84,7 @@ class LMWorkerService:
         sequence = self.validator(request, arrival)
         if self.prefix_cache is not None:  # hashing the features is CPU work too: here, off the engine
             sequence.prefix_keys = prefix_block_keys(sequence.prompt_ids, sequence.images,
-                                                     self.prefix_cache.block_size)
+                                                     self.prefix_cache.block_size, request.cache_salt)
         sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
         return request, sequence
 

@@ -27,6 +27,7 @@ from proto.image_for_insert import ImageForInsert, feature_blocks
 from proto.limits import DEFAULT_LIMITS, WireLimits
 from proto.messages import (
     FEATURE_DTYPES,
+    MAX_CACHE_SALT_LEN,
     EncodeRequest,
     EncodeResponse,
     GenerateRequest,
@@ -48,6 +49,7 @@ __all__ = [
     "CONTENT_TYPE",
     "DEFAULT_LIMITS",
     "FEATURE_DTYPES",
+    "MAX_CACHE_SALT_LEN",
     "MESSAGE_TYPES",
     "SUPPORTED_VERSIONS",
     "WIRE_DTYPES",

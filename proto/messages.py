@@ -26,6 +26,7 @@ __all__ = [
     "EncodeResponse",
     "GenerateRequest",
     "GenerateResponse",
+    "MAX_CACHE_SALT_LEN",
     "SamplingParams",
     "new_request_id",
 ]
@@ -33,6 +34,7 @@ __all__ = [
 FEATURE_DTYPES = ("bfloat16", "float16", "float32")
 FINISH_REASONS = ("stop", "length", "abort")
 MAX_REQUEST_ID_LEN = 128
+MAX_CACHE_SALT_LEN = 256
 
 
 def new_request_id() -> str:
@@ -173,7 +175,11 @@ class SamplingParams:
 @dataclass
 class GenerateRequest:
     """A prompt (``<image>`` placeholders expanded by the worker) or raw ``input_ids``
-    (placeholders already laid out), with one ``ImageForInsert`` per start-token kind."""
+    (placeholders already laid out), with one ``ImageForInsert`` per start-token kind.
+
+    ``cache_salt`` (optional, non-empty): requests share cached prompt prefixes only
+    with requests of the same salt, so one tenant cannot time another's prompts.
+    """
 
     prompt: str | None = None
     input_ids: list[int] | None = None
@@ -182,9 +188,10 @@ class GenerateRequest:
     stream: bool = False
     request_id: str = field(default_factory=new_request_id)
     timings: dict[str, float] = field(default_factory=dict)
+    cache_salt: str | None = None
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "request_id": self.request_id,
             "prompt": self.prompt,
             "input_ids": self.input_ids,
@@ -193,6 +200,9 @@ class GenerateRequest:
             "stream": self.stream,
             "timings": dict(self.timings),
         }
+        if self.cache_salt is not None:  # absent unless set: a worker that predates it reads the rest
+            wire["cache_salt"] = self.cache_salt
+        return wire
 
     @classmethod
     def from_wire(cls, obj: Any, budget: DecodeBudget) -> GenerateRequest:
@@ -206,7 +216,13 @@ class GenerateRequest:
             sampling=SamplingParams.from_wire(reader.raw("sampling", {}), budget),
             stream=reader.bool("stream", False),
             timings=reader.timings(),
+            cache_salt=reader.str("cache_salt", None),
         )
+        if msg.cache_salt is not None:
+            if not msg.cache_salt:
+                raise InvalidValue("cache_salt", "must be a non-empty string when given", msg.cache_salt)
+            if len(msg.cache_salt) > MAX_CACHE_SALT_LEN:
+                raise LimitExceeded("cache_salt", "length", len(msg.cache_salt), MAX_CACHE_SALT_LEN)
         if (msg.prompt is None) == (msg.input_ids is None):
             raise InvalidValue("prompt", "give exactly one of prompt or input_ids")
         if msg.prompt is not None and len(msg.prompt) > budget.limits.max_str_len:

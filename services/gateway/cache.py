@@ -2,7 +2,9 @@
 
 Vision features are a pure function of (image bytes, encoder weights, output dtype),
 so they are keyed by exactly that — the content's sha256, the encoder model id and
-the dtype — and a repeated image (a retry, a shared meme, a follow-up question on
+the dtype, plus the request's ``cache_salt`` when it gives one (a hit answers faster
+than a miss, so salted requests share features only with the same salt) — and a
+repeated image (a retry, a shared meme, a follow-up question on
 the same photo) skips the encoder. The bound is in bytes, not entries: one image is
 ~2 MB of bf16 features at full Step3.7 size and a few KB at demo size.
 
@@ -37,6 +39,7 @@ class FeatureKey(NamedTuple):
     sha256: str
     model: str
     dtype: str
+    salt: str | None = None  # the request's cache_salt: a hit is faster, so tenants share nothing
 
 
 Loader = Callable[[list[FeatureKey]], Awaitable[Mapping[FeatureKey, EncodedImage]]]

@@ -115,6 +115,7 @@ def affinity_key(request: GenerateRequest) -> bytes | None:
     first = next(proto.feature_blocks(request.images[0].image_features))  # [L, C]
     head = first.reshape(-1)[:_AFFINITY_VALUES].contiguous()
     key = hashlib.blake2b((request.prompt or "").split(IMAGE_PLACEHOLDER, 1)[0].encode(), digest_size=16)
+    key.update((request.cache_salt or "").encode())  # a salted prompt hits only its own salt's prefixes
     key.update(str(head.dtype).encode())
     key.update(head.view(torch.uint8).numpy())
     return key.digest()

@@ -14,6 +14,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from proto import MAX_CACHE_SALT_LEN
+
 __all__ = [
     "IMAGE_PLACEHOLDER",
     "CaptionOptions",
@@ -102,6 +104,9 @@ class ChatCompletionRequest(_Request):
     stream_options: StreamOptions | None = None
     n: int = 1
     user: str | None = None
+    # vLLM's extension: the caches (image features, prompt prefixes) are shared only
+    # between requests of the same salt; a tenant sets its own to keep its hits private.
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_LEN)
 
     @field_validator("n")
     @classmethod
@@ -227,6 +232,7 @@ class CaptionOptions(_Request):
     prompt: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    cache_salt: str | None = Field(default=None, min_length=1, max_length=MAX_CACHE_SALT_LEN)  # as chat's
 
 
 class CaptionRequest(CaptionOptions):

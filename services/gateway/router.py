@@ -144,7 +144,8 @@ async def captions(request: Request) -> Response:
         options = caption_request
     request_id, timer = _request_id(request), StageTimer()
     work = state.captions.caption(sources, prompt=options.prompt, max_tokens=options.max_tokens,
-                                  temperature=options.temperature, request_id=request_id, timer=timer)
+                                  temperature=options.temperature, request_id=request_id, timer=timer,
+                                  cache_salt=options.cache_salt)
     result = await cancel_on_disconnect(request, work)
     return Response(status_code=CLIENT_CLOSED_REQUEST) if result is None else _json(result, request_id, timer)
 

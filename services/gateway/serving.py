@@ -172,9 +172,11 @@ class Pipeline:
 
     # ---- features ------------------------------------------------------------------
     async def features(self, images: Sequence[ValidatedImage], timer: StageTimer, *,
-                       request_id: str) -> list[EncodedImage]:
-        """Features per image, in order: cached ones at once, the rest in one encoder call."""
-        keys = [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype) for image in images]
+                       request_id: str, cache_salt: str | None = None) -> list[EncodedImage]:
+        """Features per image, in order: cached ones (of the same ``cache_salt``) at once,
+        the rest in one encoder call."""
+        keys = [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype, cache_salt)
+                for image in images]
         data_by_key = {key: image.data for key, image in zip(keys, images, strict=True)}
         param_by_key: dict[FeatureKey, str] = {}
         for key, image in zip(keys, images, strict=True):

@@ -36,7 +36,8 @@ class CaptionService:
         self.pipeline = pipeline
 
     async def caption(self, sources: list[ImageSource], *, prompt: str | None, max_tokens: int | None,
-                      temperature: float | None, request_id: str, timer: StageTimer) -> CaptionResponse:
+                      temperature: float | None, request_id: str, timer: StageTimer,
+                      cache_salt: str | None = None) -> CaptionResponse:
         pipeline = self.pipeline
         model = pipeline.settings.model_name
         if not sources:
@@ -48,9 +49,10 @@ class CaptionService:
 
         async def run() -> CaptionResponse:
             images = await pipeline.load_images(sources, timer)
-            features = await pipeline.features(images, timer, request_id=request_id)
+            features = await pipeline.features(images, timer, request_id=request_id, cache_salt=cache_salt)
             requests = [GenerateRequest(prompt=text, images=[join_encoded([encoded])], sampling=sampling,
-                                        request_id=f"{request_id}-{i}", timings=timer.as_dict())
+                                        request_id=f"{request_id}-{i}", timings=timer.as_dict(),
+                                        cache_salt=cache_salt)
                         for i, encoded in enumerate(features)]
             results: list[GenerateResponse] = await gather_or_cancel(
                 [pipeline.generate(request, timer) for request in requests])

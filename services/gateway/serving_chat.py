@@ -104,9 +104,10 @@ class ChatService:
         images = []
         if sources:
             validated = await pipeline.load_images(sources, timer)
-            images = [join_encoded(await pipeline.features(validated, timer, request_id=request_id))]
+            images = [join_encoded(await pipeline.features(validated, timer, request_id=request_id,
+                                                           cache_salt=request.cache_salt))]
         return GenerateRequest(prompt=prompt, images=images, sampling=sampling, request_id=request_id,
-                               timings=timer.as_dict())
+                               timings=timer.as_dict(), cache_salt=request.cache_salt)
 
     async def complete(self, request: ChatCompletionRequest, *, request_id: str,
                        timer: StageTimer) -> ChatCompletionResponse:

@@ -116,6 +116,30 @@ def test_repeated_image_is_served_from_the_cache(stack):
     assert metric_value(gateway_metrics, "step37_gateway_cache_hits_total") >= 1
 
 
+def test_a_cache_salt_shares_cached_work_only_within_its_salt(stack):
+    data = base64.b64encode(png_bytes(generate_scene(HELD_OUT_SEED + 250))).decode()
+    with httpx.Client(timeout=120) as client:
+        def caption(**extra) -> tuple[str, int, float]:
+            response = client.post(f"{stack.url}/v1/captions", json={"image": data, **extra})
+            assert response.status_code == 200, response.text
+            body = response.json()
+            encoded = sum(metric_value(client.get(f"{e.url}/metrics").text, "step37_encoder_images_total")
+                          for e in stack.encoders)
+            return body["captions"][0], body["usage"]["prompt_tokens_details"]["cached_tokens"], encoded
+
+        text, cached, encoded = caption()
+        assert cached == 0
+        # Another tenant's salt: neither the gateway's features nor the worker's prefix.
+        assert caption(cache_salt="tenant-a") == (text, 0, encoded + 1)
+        salted_again = caption(cache_salt="tenant-a")
+        assert salted_again[0] == text and salted_again[1] > 0 and salted_again[2] == encoded + 1
+        assert caption(cache_salt="tenant-b")[1:] == (0, encoded + 2)
+        unsalted_again = caption()
+        assert unsalted_again[1] > 0 and unsalted_again[2] == encoded + 2
+        refused = client.post(f"{stack.url}/v1/captions", json={"image": data, "cache_salt": ""})
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "cache_salt"
+
+
 def test_eval_demo_scores_a_running_system_against_the_in_process_pipeline(stack, tmp_path):
     parser = argparse.ArgumentParser()
     evaluate.add_arguments(parser)

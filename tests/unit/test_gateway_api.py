@@ -155,6 +155,35 @@ def test_captions_json_single_and_many_with_a_prompt():
     run(scenario())
 
 
+def test_a_cache_salt_keeps_cached_features_to_its_own_requests():
+    async def scenario():
+        h = harness()
+        data = base64.b64encode(png(colour=(9, 99, 199))).decode()
+
+        async def caption(**extra):
+            response = await h.client.post("/v1/captions", json={"image": data, **extra})
+            assert response.status_code == 200, response.text
+            return h.lm.requests[-1]
+
+        assert (await caption()).cache_salt is None
+        assert h.encoder.images_encoded == 1
+        assert (await caption(cache_salt="tenant-a")).cache_salt == "tenant-a"  # not the unsalted features
+        assert h.encoder.images_encoded == 2
+        await caption(cache_salt="tenant-a")
+        await caption()
+        assert h.encoder.images_encoded == 2  # each found its own
+        chat = chat_body(png(colour=(9, 99, 199)), cache_salt="tenant-b")
+        response = await h.client.post("/v1/chat/completions", json=chat)
+        assert response.status_code == 200, response.text
+        assert h.lm.requests[-1].cache_salt == "tenant-b" and h.encoder.images_encoded == 3
+        form = await h.client.post("/v1/captions", files={"file": ("a.png", png(colour=(9, 99, 199)), "image/png")},
+                                   data={"cache_salt": "tenant-b"})
+        assert form.status_code == 200, form.text
+        assert h.lm.requests[-1].cache_salt == "tenant-b" and h.encoder.images_encoded == 3
+
+    run(scenario())
+
+
 def test_models_health_ready_and_metrics():
     async def scenario():
         h = harness()

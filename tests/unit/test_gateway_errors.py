@@ -250,6 +250,10 @@ def test_oversized_fields_and_limits():
      "messages[0].content[0]"),
     ({"model": "step37-tiny", "stop": ["a", "b", "c", "d", "e"], "messages": [{"role": "user", "content": "x"}]},
      400, "invalid_request", "stop"),
+    ({"model": "step37-tiny", "cache_salt": "", "messages": [{"role": "user", "content": "x"}]},
+     400, "invalid_request", "cache_salt"),
+    ({"model": "step37-tiny", "cache_salt": "s" * 257, "messages": [{"role": "user", "content": "x"}]},
+     400, "invalid_request", "cache_salt"),
 ])
 def test_invalid_chat_requests(body, status, code, param):
     async def scenario():

@@ -301,9 +301,9 @@ def test_stage_timer_reads_downstream_timings_and_derives_transfer():
 def test_affinity_key_names_the_first_image_and_the_text_before_it():
     features = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
 
-    def key(prompt: str, image_features: torch.Tensor | None) -> bytes | None:
+    def key(prompt: str, image_features: torch.Tensor | None, cache_salt: str | None = None) -> bytes | None:
         images = [proto.ImageForInsert(4, image_features=image_features)] if image_features is not None else []
-        return affinity_key(proto.GenerateRequest(prompt=prompt, images=images))
+        return affinity_key(proto.GenerateRequest(prompt=prompt, images=images, cache_salt=cache_salt))
 
     base = key("<image> describe", features)
     assert base is not None and key("<image> describe", features.clone()) == base
@@ -311,4 +311,7 @@ def test_affinity_key_names_the_first_image_and_the_text_before_it():
     assert key("look: <image> describe", features) != base
     assert key("<image> describe", features[[1, 0]]) != base  # another first image
     assert key("<image> describe", features.float()) != base
+    salted = key("<image> describe", features, "tenant-a")  # hits only its own salt's prefixes
+    assert salted != base and key("<image> describe", features, "tenant-a") == salted
+    assert key("<image> describe", features, "tenant-b") != salted
     assert key("describe", None) is None

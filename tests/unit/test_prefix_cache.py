@@ -52,6 +52,16 @@ def test_image_content_enters_the_key_from_the_block_of_its_start_token() -> Non
     assert prefix_block_keys(ids, [bf16], BLOCK)[1] != prefix_block_keys(ids, [widened], BLOCK)[1]
 
 
+def test_a_salt_keeps_prefixes_to_requests_of_the_same_salt() -> None:
+    ids = prompt_with_image([1, 2, 3], rows=6, text_after=[7] * 8)  # 18 positions: 4 blocks
+    plain = prefix_block_keys(ids, [image(1)], BLOCK)
+    salted = prefix_block_keys(ids, [image(1)], BLOCK, "tenant-a")
+    assert salted == prefix_block_keys(ids, [image(1)], BLOCK, "tenant-a")
+    other = prefix_block_keys(ids, [image(1)], BLOCK, "tenant-b")
+    for keys in (plain, other):  # no block of one matches any block of the other
+        assert len(keys) == len(salted) == 4 and not set(keys) & set(salted)
+
+
 def test_images_that_do_not_pair_with_start_tokens_are_not_cached() -> None:
     ids = prompt_with_image([1, 2, 3], rows=6, text_after=[7] * 8)
     two = ImageForInsert(START, image_features=torch.randn(2, 6, 8))

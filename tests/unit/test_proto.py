@@ -89,7 +89,7 @@ def test_decoded_tensor_is_a_view_of_the_received_bytes():
         GenerateRequest(prompt="describe <image>", images=[make_item()],
                         sampling=SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5, seed=3,
                                                 stop_token_ids=[2], stop=["."]),
-                        stream=True, request_id="r3", timings={"encode_ms": 3.0}),
+                        stream=True, request_id="r3", timings={"encode_ms": 3.0}, cache_salt="tenant-a"),
         GenerateRequest(input_ids=[1, 2, 3]),
         GenerateResponse(token_ids=[4, 5], text="a red circle", finish_reason="length", prompt_tokens=20, cached_tokens=16,
                          request_id="r4", timings={"prefill_ms": 2.0, "decode_ms": 5.0}),
@@ -114,6 +114,12 @@ def assert_same(a, b):
             assert_same(getattr(a, name), getattr(b, name))
     else:
         assert a == b
+
+
+def test_an_unsalted_generate_request_sends_no_cache_salt():
+    # A worker that predates the field reads the message unchanged.
+    assert "cache_salt" not in GenerateRequest(prompt="x").to_wire()
+    assert proto.decode(proto.encode(GenerateRequest(prompt="x"))).cache_salt is None
 
 
 def test_feature_lengths_and_counts():
@@ -171,6 +177,9 @@ def tensor_map(dtype="float32", shape=(1, 2, 4), data=None):
         (envelope(insert_start_token=1, image_features=tensor_map(shape=(2, 2, 4)), rope_cu_seqlens={"dtype": "int32", "shape": [3], "data": np.array([0, 9, 4], np.int32).tobytes()}), InvalidValue, "rope_cu_seqlens", "non-decreasing"),
         (envelope(insert_start_token=1, image_features=tensor_map(), rope_cu_seqlens={"dtype": "int32", "shape": [2], "data": np.array([0, 9], np.int32).tobytes()}, rope_max_seq_len=8), InvalidValue, "rope_max_seq_len", "largest"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest"}), InvalidValue, "prompt", "exactly one"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": ""}), InvalidValue, "cache_salt", "non-empty"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": "s" * 257}), LimitExceeded, "cache_salt", "limit of 256"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": 7}), WrongType, "cache_salt", "string"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "sampling": {"top_p": 0}}), InvalidValue, "sampling.top_p", "(0, 1]"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "sampling": {"temperature": -1}}), InvalidValue, "sampling.temperature", "[0, 100]"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "images": [{"insert_start_token": 1, "image_features": 3}]}), WrongType, "images[0].image_features", "tensor map"),
