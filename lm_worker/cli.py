@@ -55,7 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_setting(parser, "--max-waiting", default=_default("max_waiting"), type=int,
                 help="requests queued for a slot before answering 503")
     add_setting(parser, "--max-prefill-tokens", default=_default("max_prefill_tokens"), type=int,
-                help="prompt tokens prefilled together in one step")
+                help="prompt positions prefilled in one step, at most: a longer prompt is prefilled in chunks "
+                     "between decode steps of the running batch (chunked prefill)")
     add_setting(parser, "--max-seq-len", default=_default("max_seq_len"), type=int,
                 help="context length per sequence (0: the model's)")
     add_setting(parser, "--cuda-graphs", default=_default("cuda_graphs"), choices=["auto", "off"],

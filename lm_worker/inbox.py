@@ -107,16 +107,14 @@ class RequestInbox:
         return pending, waiters
 
     def take(self, room: int, token_budget: int) -> list[ScheduledSequence]:
-        """Pop up to ``room`` sequences, first come first served, within ``token_budget``
-        prompt tokens (the first one regardless, so a long prompt cannot starve)."""
+        """Pop up to ``room`` sequences, first come first served, while ``token_budget``
+        prompt tokens last (the last one taken may overrun it: its prompt is prefilled in
+        chunks, so a long prompt neither starves nor stalls the running batch)."""
         admitted: list[ScheduledSequence] = []
         with self._cond:
-            while self._waiting and len(admitted) < room:
-                length = len(self._waiting[0].request.prompt_ids)
-                if admitted and length > token_budget:
-                    break
+            while self._waiting and len(admitted) < room and token_budget > 0:
                 admitted.append(self._waiting.popleft())
-                token_budget -= length
+                token_budget -= len(admitted[-1].request.prompt_ids)
         return admitted
 
     def drain(self) -> tuple[list[ScheduledSequence], list[Probe]]:

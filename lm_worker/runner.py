@@ -39,10 +39,19 @@ class ModelRunner:
             return self.fusion(ids, list(images))[:, 0]  # [S, 1, H] → [S, H]
 
     def prefill(self, slots: Sequence[int], embeddings: Sequence[torch.Tensor],
-                states: Sequence[SamplingState]) -> list[int]:
-        """Prefill newcomers together; the first generated token of each."""
+                states: Sequence[SamplingState | None]) -> list[int | None]:
+        """Prefill prompt chunks together; the first generated token of each sequence whose
+        prompt this chunk ends (its state given), None for one that goes on (state None)."""
         logits = self.backend.prefill(slots, embeddings)  # [n, V]
-        return sample(logits, states)
+        rows = [i for i, state in enumerate(states) if state is not None]
+        if len(rows) == len(states):
+            return list(sample(logits, states))  # type: ignore[arg-type]
+        tokens: list[int | None] = [None] * len(states)
+        if rows:
+            picked = sample(logits[rows], [states[i] for i in rows])  # type: ignore[misc]
+            for row, token in zip(rows, picked, strict=True):
+                tokens[row] = token
+        return tokens
 
     def decode(self, slots: Sequence[int], last_tokens: Sequence[int],
                states: Sequence[SamplingState]) -> list[int]:

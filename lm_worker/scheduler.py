@@ -5,11 +5,15 @@ torch work never runs on the event loop. Each iteration (:meth:`Scheduler.step`)
 
 1. answers readiness probes and frees the slots of cancelled sequences;
 2. admits waiting requests, first come first served, while slots are free (at most
-   ``max_batch_size`` running) and the prefill token budget lasts (one is always
-   admitted, so a long prompt cannot starve), fuses each newcomer's embedding and
-   prefills them together, sampling their first token;
-3. runs one decode step over every running sequence;
-4. hands the new tokens to the callers' asyncio queues (:class:`EventOutbox`).
+   ``max_batch_size`` running) and the prefill token budget lasts, and fuses each
+   newcomer's embedding (starting it from the prefix cache where it can);
+3. prefills, in one call, up to ``max_prefill_tokens`` prompt positions of the admitted
+   sequences, oldest first: a prompt longer than what is left of the budget is
+   prefilled in chunks over several steps (*chunked prefill*, as vLLM's), so a long
+   prompt neither starves nor stalls the running batch for more than a chunk; a
+   sequence whose prompt is done samples its first token and joins the batch;
+4. runs one decode step over every running sequence;
+5. hands the new tokens to the callers' asyncio queues (:class:`EventOutbox`).
 
 Requests, cancellations and probes arrive through a thread-safe :class:`RequestInbox`;
 the running batch and the KV cache are touched by the engine thread only.
@@ -31,6 +35,8 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
+
+import torch
 
 from lm_worker.errors import ClientError, ContextLengthExceeded, EngineError, EngineUnavailable
 from lm_worker.inbox import RequestInbox
@@ -87,7 +93,8 @@ class Scheduler:
         self.observer: SchedulerObserver = observer or NullObserver()
         self.prefix_cache = prefix_cache
         self.inbox = RequestInbox(max_waiting)
-        self._running: list[ScheduledSequence] = []  # engine thread only
+        self._running: list[ScheduledSequence] = []  # decoding; engine thread only
+        self._prefilling: list[ScheduledSequence] = []  # admitted, prompt not all prefilled yet
         self._outbox = EventOutbox()  # engine thread only
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -100,7 +107,8 @@ class Scheduler:
 
     @property
     def num_running(self) -> int:
-        return len(self._running)
+        """Sequences holding a slot: decoding, or with their prompt part prefilled."""
+        return len(self._running) + len(self._prefilling)
 
     @property
     def num_waiting(self) -> int:
@@ -156,7 +164,7 @@ class Scheduler:
 
     # ---- the engine thread -----------------------------------------------------------
     def _run(self) -> None:
-        while self.inbox.wait_for_work(busy=bool(self._running)):
+        while self.inbox.wait_for_work(busy=bool(self._running or self._prefilling)):
             try:
                 self.step()
             except Exception as exc:
@@ -173,10 +181,12 @@ class Scheduler:
         self._answer_probes()
         self._reap_cancelled()
         advanced = 0
-        room = min(self.max_batch_size - len(self._running), self.backend.num_free_slots)
-        newcomers = self.inbox.take(room, self.max_prefill_tokens) if room > 0 else []
-        if newcomers:
-            advanced += self._prefill(newcomers)
+        room = min(self.max_batch_size - self.num_running, self.backend.num_free_slots)
+        budget = self.max_prefill_tokens - sum(len(s.pending) for s in self._prefilling if s.pending is not None)
+        if room > 0 and budget > 0:
+            self._admit(self.inbox.take(room, budget))
+        if self._prefilling:
+            advanced += self._prefill()
             self._publish()
         if self._running:
             advanced += self._decode(list(self._running))
@@ -186,13 +196,13 @@ class Scheduler:
     def _publish(self) -> None:
         """Report the queue, then send what the step produced: the gauges never lag an
         answer (a client that has its answer does not see itself still running)."""
-        self.observer.on_queue(len(self._running), len(self.inbox), self.backend.num_free_slots)
+        self.observer.on_queue(self.num_running, len(self.inbox), self.backend.num_free_slots)
         self._flush()
 
-    def _prefill(self, newcomers: list[ScheduledSequence]) -> int:
-        start = time.perf_counter()
-        ready, embeddings = [], []
+    def _admit(self, newcomers: list[ScheduledSequence]) -> None:
+        """A slot, the fused prompt embedding and the cached prefix of each newcomer."""
         for seq in newcomers:
+            start = time.perf_counter()
             seq.admitted_s = start
             try:
                 embedding = self.runner.embed(seq.request.prompt_ids, seq.request.images)  # [S, H]
@@ -205,27 +215,48 @@ class Scheduler:
                 logger.exception("admitting request %s failed", seq.request.request_id)
                 self._fail(seq, EngineError("", f"embedding failed: {type(exc).__name__}"))
                 continue
-            embeddings.append(embedding[seq.cached_tokens :])  # what the cache did not hold
-            ready.append(seq)
-        if not ready:
-            return 0
+            seq.pending = embedding[seq.cached_tokens :]  # what the cache did not hold
+            seq.prefill_s = time.perf_counter() - start
+            self._prefilling.append(seq)
+
+    def _prefill(self) -> int:
+        """One prefill call over the next chunks of admitted prompts, oldest first."""
+        start = time.perf_counter()
+        budget = self.max_prefill_tokens
+        chunks: list[tuple[ScheduledSequence, torch.Tensor, bool]] = []  # (sequence, chunk, ends its prompt)
+        for seq in self._prefilling:
+            if budget <= 0:
+                break
+            assert seq.pending is not None
+            chunk = seq.pending[:budget]  # [n, H]
+            chunks.append((seq, chunk, chunk.shape[0] == seq.pending.shape[0]))
+            budget -= chunk.shape[0]
         try:
-            tokens = self.runner.prefill([s.slot for s in ready], embeddings,
-                                         [s.sampling for s in ready])
+            tokens = self.runner.prefill([seq.slot for seq, _, _ in chunks], [chunk for _, chunk, _ in chunks],
+                                         [seq.sampling if last else None for seq, _, last in chunks])
         except Exception as exc:
-            logger.exception("prefill of %d sequences failed", len(ready))
-            for seq in ready:
+            logger.exception("prefill of %d sequences failed", len(chunks))
+            for seq, _, _ in chunks:
                 self._fail(seq, EngineError("", f"prefill failed: {type(exc).__name__}"))
             return 0
-        self._keep_prefixes(ready)
         end = time.perf_counter()
-        self.observer.on_prefill(len(ready), sum(e.shape[0] for e in embeddings), end - start)
-        self.observer.on_tokens(len(ready))
-        self._running.extend(ready)
-        for seq, token in zip(ready, tokens, strict=True):
-            seq.prefill_s, seq.first_token_s = end - start, end
-            self._advance(seq, token)
-        return len(ready)
+        finished = []
+        for seq, chunk, last in chunks:
+            seq.prefill_s += end - start
+            if last:
+                seq.pending, seq.first_token_s = None, end
+                self._prefilling.remove(seq)
+                finished.append(seq)
+            else:
+                seq.pending = seq.pending[chunk.shape[0] :]  # type: ignore[index]
+        self._keep_prefixes(finished)
+        self.observer.on_prefill(len(chunks), sum(chunk.shape[0] for _, chunk, _ in chunks), end - start)
+        self.observer.on_tokens(len(finished))
+        self._running.extend(finished)
+        for (seq, _, _), token in zip(chunks, tokens, strict=True):
+            if token is not None:
+                self._advance(seq, token)
+        return len(finished)
 
     def _start_from_cache(self, seq: ScheduledSequence) -> int:
         """Copy the longest cached prefix of ``seq``'s prompt into its slot; its length."""
@@ -290,13 +321,16 @@ class Scheduler:
         pending, waiters = self.inbox.take_cancelled()
         if not pending:
             return
-        for seq in [*waiters, *(s for s in self._running if s.cancelled)]:
+        for seq in [*waiters, *(s for s in [*self._prefilling, *self._running] if s.cancelled)]:
             self._finish(seq, seq.output.abort())
         self._flush()
 
     def _release(self, seq: ScheduledSequence) -> None:
+        seq.pending = None
         if seq in self._running:
             self._running.remove(seq)
+        elif seq in self._prefilling:
+            self._prefilling.remove(seq)
         if seq.slot is not None:
             self.backend.free(seq.slot)
             seq.slot = None
@@ -317,7 +351,7 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, probes = self.inbox.drain()
-        for seq in [*self._running, *waiting]:
+        for seq in [*self._prefilling, *self._running, *waiting]:
             self._fail(seq, exc)
         for future, _, _ in probes:
             if future.set_running_or_notify_cancel():
@@ -326,5 +360,5 @@ class Scheduler:
 
     def _flush(self) -> None:
         for seq in self._outbox.flush():
-            if seq in self._running:
+            if seq in self._running or seq in self._prefilling:
                 self.inbox.cancel(seq)  # its reader's event loop is gone

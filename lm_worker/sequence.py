@@ -20,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
+import torch
+
 from lm_worker.sampling import FINISH_ABORT, SamplingState, SequenceOutput
 from proto import GenerateResponse, ImageForInsert, SamplingParams
 
@@ -95,6 +97,7 @@ class ScheduledSequence:
     first_token_s: float | None = None
     prefill_s: float = 0.0
     cached_tokens: int = 0  # prompt positions copied from the prefix cache, not prefilled
+    pending: torch.Tensor | None = None  # [P, H]: fused prompt positions still to prefill
     held_ids: list[int] = field(default_factory=list)  # tokens not yet sent (a request that does not stream)
     held_text: list[str] = field(default_factory=list)
 

@@ -38,7 +38,7 @@ class LMWorkerSettings:
     dtype: str = "auto"
     max_batch_size: int = 16
     max_waiting: int = 256
-    max_prefill_tokens: int = 4096
+    max_prefill_tokens: int = 4096  # per step; a longer prompt is prefilled in chunks (chunked prefill)
     max_seq_len: int = 0  # 0: the model's max_position_embeddings
     cuda_graphs: str = "auto"  # auto: decode steps replayed from CUDA graphs on a GPU; off: eager
     compile_steps: str = "off"  # on: decode steps and prefills compiled by Inductor at start-up (where no CUDA graphs run)

@@ -221,11 +221,68 @@ async def test_prefill_token_budget_splits_newcomers(model: Model) -> None:
     tasks = [collect(scheduler.submit(r)) for r in requests]
     await drive(scheduler, tasks)
     assert [n for n, _ in recorder.prefills] == [2, 1]
-    # A prompt longer than the whole budget is still admitted (alone): no starvation.
-    scheduler = make_scheduler(model, observer=Recorder(), max_prefill_tokens=1)
+    # A prompt longer than the whole budget is still admitted, and prefilled a position a step.
+    recorder = PrefixRecorder()
+    scheduler = make_scheduler(model, observer=recorder, max_prefill_tokens=1)
     task = collect(scheduler.submit(requests[0]))
     await drive(scheduler, [task])
     assert task.result().token_ids == reference_greedy(model, requests[0])[:2]
+    assert recorder.prefilled_tokens == [1] * len(requests[0].prompt_ids)
+
+
+class ChunkRecorder(NullObserver):
+    def __init__(self) -> None:
+        self.steps: list[tuple[str, int]] = []  # ("prefill", positions) or ("decode", batch size)
+
+    def on_prefill(self, sequences: int, tokens: int, seconds: float) -> None:
+        self.steps.append(("prefill", tokens))
+
+    def on_decode(self, batch_size: int, seconds: float) -> None:
+        self.steps.append(("decode", batch_size))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fixed_shapes", [False, True], ids=["eager", "fixed-shape steps"])
+async def test_a_long_prompt_is_prefilled_in_chunks_while_the_batch_keeps_decoding(model: Model,
+                                                                                   fixed_shapes: bool) -> None:
+    recorder = ChunkRecorder()
+    backend = LocalDecoderBackend(model.decoder, max_batch_size=2, max_seq_len=128, cuda_graphs=fixed_shapes)
+    short, long = make_request(model, 0, max_new_tokens=14), make_request(model, 1, max_new_tokens=5, images=4)
+    budget = len(short.prompt_ids)
+    assert len(long.prompt_ids) > 2 * budget + 1  # three chunks at least, the last one partial
+    scheduler = make_scheduler(model, max_batch_size=2, backend=backend, observer=recorder,
+                               max_prefill_tokens=budget)
+    tasks = [collect(scheduler.submit(short))]
+    scheduler.step()  # the short prompt whole, then its first decode step
+    tasks.append(collect(scheduler.submit(long)))
+    await drive(scheduler, tasks)
+
+    assert [t.result().token_ids for t in tasks] == [reference_greedy(model, short), reference_greedy(model, long)]
+    full, rest = divmod(len(long.prompt_ids), budget)
+    chunks = [("prefill", budget)] * full + [("prefill", rest)] * (rest > 0)
+    # Each chunk is followed by a decode step of the short sequence (the batch does not
+    # wait for the long prompt); after the last one, both decode together.
+    expected = [("prefill", budget), ("decode", 1)]
+    for chunk in chunks[:-1]:
+        expected += [chunk, ("decode", 1)]
+    expected += [chunks[-1], ("decode", 2)]
+    assert recorder.steps[: len(expected)] == expected
+    assert scheduler.num_running == 0 and scheduler.backend.num_free_slots == 2
+
+
+@pytest.mark.anyio
+async def test_cancelling_a_sequence_midway_through_its_prefill_frees_its_slot(model: Model) -> None:
+    request = make_request(model, 2, images=4)
+    scheduler = make_scheduler(model, max_prefill_tokens=len(request.prompt_ids) // 3)
+    stream = scheduler.submit(request)
+    scheduler.step()
+    assert scheduler.num_running == 1 and scheduler.backend.num_free_slots == 3  # one chunk in
+    stream.cancel()
+    scheduler.step()
+    assert scheduler.num_running == 0 and scheduler.backend.num_free_slots == 4
+    await asyncio.sleep(0)
+    events = [event async for event in stream]
+    assert events[-1].finish_reason == "abort" and events[-1].completion_tokens == 0
 
 
 @pytest.mark.anyio
@@ -348,6 +405,20 @@ async def test_a_repeated_prompt_starts_from_the_prefix_cache_and_decodes_the_sa
     assert responses[0].token_ids == responses[1].token_ids == reference_greedy(model, first)
     assert responses[2].token_ids == reference_greedy(model, other_image)
     assert responses[1].prompt_tokens == len(first.prompt_ids)  # usage counts the whole prompt
+
+    # A cached start (the text before the image), then the rest in chunks: the same tokens.
+    chunk_recorder = PrefixRecorder()
+    chunked = make_scheduler(model, max_batch_size=2, backend=backend, observer=chunk_recorder,
+                             prefix_cache=scheduler.prefix_cache, max_prefill_tokens=2)
+    third_image = keyed(SequenceRequest("third", list(first.prompt_ids), [
+        ImageForInsert(model.tokenizer.ids.im_start, image_features=torch.randn(1, FEATURES_PER_IMAGE, model.fusion.encoder_output_dim))],
+        first.sampling))
+    task = collect(chunked.submit(third_image))
+    await drive(chunked, [task])
+    assert task.result().token_ids == reference_greedy(model, third_image)
+    assert task.result().cached_tokens == shared_text
+    rest = len(first.prompt_ids) - shared_text
+    assert rest > 4 and chunk_recorder.prefilled_tokens == [2] * (rest // 2) + [1] * (rest % 2)
 
 
 @pytest.mark.anyio
