@@ -117,6 +117,13 @@ class PrefixCache:
     def __len__(self) -> int:
         return len(self._blocks)
 
+    def held(self, keys: Sequence[bytes]) -> int:
+        """How many of ``keys``, from the first, the pool holds (a look that marks nothing used)."""
+        count = 0
+        while count < len(keys) and keys[count] in self._blocks:
+            count += 1
+        return count
+
     def match(self, keys: Sequence[bytes]) -> list[int]:
         """Pool indices of the longest run of ``keys`` held, from the first; marks them used."""
         found = []

@@ -6,7 +6,10 @@ torch work never runs on the event loop. Each iteration (:meth:`Scheduler.step`)
 1. answers readiness probes and frees the slots of cancelled sequences;
 2. admits waiting requests, first come first served, while slots are free (at most
    ``max_batch_size`` running) and the prefill token budget lasts, and fuses each
-   newcomer's embedding (starting it from the prefix cache where it can);
+   newcomer's embedding (starting it from the prefix cache where it can). A newcomer
+   whose next uncached block a prompt in flight is about to prefill waits for it
+   instead: a burst of requests about one image prefills it once, and the rest start
+   from the cache a step later;
 3. prefills, in one call, up to ``max_prefill_tokens`` prompt positions of the admitted
    sequences, oldest first: a prompt longer than what is left of the budget is
    prefilled in chunks over several steps (*chunked prefill*, as vLLM's), so a long
@@ -95,6 +98,7 @@ class Scheduler:
         self.inbox = RequestInbox(max_waiting)
         self._running: list[ScheduledSequence] = []  # decoding; engine thread only
         self._prefilling: list[ScheduledSequence] = []  # admitted, prompt not all prefilled yet
+        self._deferred: list[ScheduledSequence] = []  # next in line, waiting for a prefix in flight
         self._outbox = EventOutbox()  # engine thread only
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -112,7 +116,7 @@ class Scheduler:
 
     @property
     def num_waiting(self) -> int:
-        return len(self.inbox)
+        return len(self.inbox) + len(self._deferred)
 
     def submit(self, request: SequenceRequest) -> GenerationStream:
         """Queue a validated request; call it on the event loop that reads the stream.
@@ -164,7 +168,7 @@ class Scheduler:
 
     # ---- the engine thread -----------------------------------------------------------
     def _run(self) -> None:
-        while self.inbox.wait_for_work(busy=bool(self._running or self._prefilling)):
+        while self.inbox.wait_for_work(busy=bool(self._running or self._prefilling or self._deferred)):
             try:
                 self.step()
             except Exception as exc:
@@ -184,7 +188,7 @@ class Scheduler:
         room = min(self.max_batch_size - self.num_running, self.backend.num_free_slots)
         budget = self.max_prefill_tokens - sum(len(s.pending) for s in self._prefilling if s.pending is not None)
         if room > 0 and budget > 0:
-            self._admit(self.inbox.take(room, budget))
+            self._admit(self._take(room, budget))
         if self._prefilling:
             advanced += self._prefill()
             self._publish()
@@ -196,12 +200,34 @@ class Scheduler:
     def _publish(self) -> None:
         """Report the queue, then send what the step produced: the gauges never lag an
         answer (a client that has its answer does not see itself still running)."""
-        self.observer.on_queue(self.num_running, len(self.inbox), self.backend.num_free_slots)
+        self.observer.on_queue(self.num_running, self.num_waiting, self.backend.num_free_slots)
         self._flush()
+
+    def _take(self, room: int, budget: int) -> list[ScheduledSequence]:
+        """Deferred sequences first (they were next in line), then the inbox's."""
+        taken, self._deferred = self._deferred[:room], self._deferred[room:]
+        budget -= sum(len(seq.request.prompt_ids) for seq in taken)
+        if len(taken) < room and budget > 0:
+            taken += self.inbox.take(room - len(taken), budget)
+        return taken
+
+    def _waits_for_prefix(self, seq: ScheduledSequence, in_flight: set[bytes]) -> bool:
+        """Whether the first block of ``seq``'s prompt the cache lacks is one a prompt in
+        flight will store when its prefill ends (then ``seq`` starts from it, a step on)."""
+        keys = seq.request.prefix_keys
+        if self.prefix_cache is None or not keys:
+            return False
+        held = self.prefix_cache.held(keys)
+        return held < len(keys) and keys[held] in in_flight
 
     def _admit(self, newcomers: list[ScheduledSequence]) -> None:
         """A slot, the fused prompt embedding and the cached prefix of each newcomer."""
+        in_flight = {key for seq in self._prefilling for key in seq.request.prefix_keys}
         for seq in newcomers:
+            if self._waits_for_prefix(seq, in_flight):
+                self._deferred.append(seq)
+                continue
+            in_flight.update(seq.request.prefix_keys)
             start = time.perf_counter()
             seq.admitted_s = start
             try:
@@ -321,7 +347,7 @@ class Scheduler:
         pending, waiters = self.inbox.take_cancelled()
         if not pending:
             return
-        for seq in [*waiters, *(s for s in [*self._prefilling, *self._running] if s.cancelled)]:
+        for seq in [*waiters, *(s for s in [*self._deferred, *self._prefilling, *self._running] if s.cancelled)]:
             self._finish(seq, seq.output.abort())
         self._flush()
 
@@ -331,6 +357,8 @@ class Scheduler:
             self._running.remove(seq)
         elif seq in self._prefilling:
             self._prefilling.remove(seq)
+        elif seq in self._deferred:
+            self._deferred.remove(seq)
         if seq.slot is not None:
             self.backend.free(seq.slot)
             seq.slot = None
@@ -351,7 +379,7 @@ class Scheduler:
 
     def _fail_all(self, exc: Exception) -> None:
         waiting, probes = self.inbox.drain()
-        for seq in [*self._prefilling, *self._running, *waiting]:
+        for seq in [*self._deferred, *self._prefilling, *self._running, *waiting]:
             self._fail(seq, exc)
         for future, _, _ in probes:
             if future.set_running_or_notify_cancel():

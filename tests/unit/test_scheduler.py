@@ -370,13 +370,19 @@ class PrefixRecorder(NullObserver):
         self.prefilled_tokens.append(tokens)
 
 
+def caching_scheduler(model: Model, block: int, *, max_batch_size: int) -> tuple[Scheduler, PrefixRecorder]:
+    recorder = PrefixRecorder()
+    backend = LocalDecoderBackend(model.decoder, max_batch_size=max_batch_size, max_seq_len=128)
+    scheduler = make_scheduler(model, max_batch_size=max_batch_size, backend=backend, observer=recorder,
+                               prefix_cache=PrefixCache(backend.cache, block_size=block, max_blocks=64))
+    return scheduler, recorder
+
+
 @pytest.mark.anyio
 async def test_a_repeated_prompt_starts_from_the_prefix_cache_and_decodes_the_same(model: Model) -> None:
     block = 2
-    recorder = PrefixRecorder()
-    backend = LocalDecoderBackend(model.decoder, max_batch_size=2, max_seq_len=128)
-    scheduler = make_scheduler(model, max_batch_size=2, backend=backend, observer=recorder,
-                               prefix_cache=PrefixCache(backend.cache, block_size=block, max_blocks=64))
+    scheduler, recorder = caching_scheduler(model, block, max_batch_size=2)
+    backend = scheduler.backend
 
     def keyed(request: SequenceRequest) -> SequenceRequest:
         request.prefix_keys = prefix_block_keys(request.prompt_ids, request.images, block)
@@ -419,6 +425,48 @@ async def test_a_repeated_prompt_starts_from_the_prefix_cache_and_decodes_the_sa
     assert task.result().cached_tokens == shared_text
     rest = len(first.prompt_ids) - shared_text
     assert rest > 4 and chunk_recorder.prefilled_tokens == [2] * (rest // 2) + [1] * (rest % 2)
+
+
+@pytest.mark.anyio
+async def test_a_burst_of_one_prompt_prefills_it_once_and_the_rest_start_from_the_cache(model: Model) -> None:
+    block = 2
+    scheduler, recorder = caching_scheduler(model, block, max_batch_size=4)
+
+    def keyed(index: int, request_id: str) -> SequenceRequest:
+        request = make_request(model, index, max_new_tokens=5)
+        request.request_id = request_id
+        request.prefix_keys = prefix_block_keys(request.prompt_ids, request.images, block)
+        return request
+
+    burst = [keyed(3, f"same-{i}") for i in range(3)]
+    other = keyed(4, "other")
+    other.prompt_ids = model.tokenizer.build_prompt_ids("the left <image>", [FEATURES_PER_IMAGE])  # no shared block
+    other.prefix_keys = prefix_block_keys(other.prompt_ids, other.images, block)
+    streams = [scheduler.submit(r) for r in [*burst[:2], other, burst[2]]]
+    tasks = [collect(s) for s in streams]
+    scheduler.step()  # one of the burst and the other prompt; the two repeats wait a step
+    assert scheduler.num_running == 2 and scheduler.num_waiting == 2
+    await drive(scheduler, tasks)
+
+    responses = [t.result() for t in tasks]
+    cached = len(burst[0].prefix_keys) * block
+    assert [r.cached_tokens for r in responses] == [0, cached, 0, cached]
+    assert recorder.prefilled_tokens == [len(burst[0].prompt_ids) + len(other.prompt_ids),
+                                         2 * (len(burst[0].prompt_ids) - cached)]
+    assert all(r.token_ids == reference_greedy(model, burst[0]) for r in (responses[0], responses[1], responses[3]))
+    assert responses[2].token_ids == reference_greedy(model, other)
+    assert scheduler.num_waiting == 0 and scheduler.backend.num_free_slots == 4
+
+    # A repeat that is cancelled while it waits for the prefix leaves no trace.
+    first, repeat = keyed(5, "first"), keyed(5, "repeat")
+    first_task, repeat_stream = collect(scheduler.submit(first)), scheduler.submit(repeat)
+    scheduler.step()
+    assert scheduler.num_waiting == 1
+    repeat_stream.cancel()
+    scheduler.step()
+    assert scheduler.num_waiting == 0
+    await drive(scheduler, [first_task])
+    assert [event async for event in repeat_stream][-1].finish_reason == "abort"
 
 
 @pytest.mark.anyio
