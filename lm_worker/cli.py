@@ -69,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                      "start the same way (the same image and text before it); 0: off")
     add_setting(parser, "--prefix-block-size", default=_default("prefix_block_size"), type=int,
                 help="prompt positions per cached prefix block")
+    add_setting(parser, "--feature-store-mb", default=_default("feature_store_mb"), type=int,
+                help="host memory for image features the gateway may then name instead of sending "
+                     "(a chat about one image resends it every turn); 0: off")
     add_setting(parser, "--max-body-bytes", default=_default("max_body_bytes"), type=int,
                 help="largest accepted request body")
     add_setting(parser, "--internal-token", default=None, secret=True, type=_optional,

@@ -48,6 +48,9 @@ class LMWorkerMetrics:
         self.requests = Counter("lm_worker_requests", "Finished requests by finish reason",
                                 ["finish_reason"], registry=r)
         self.errors = Counter("lm_worker_errors", "Errors by kind", ["kind"], registry=r)
+        self.feature_refs = Counter("lm_worker_feature_refs", "Image features named by the caller: hit (sent "
+                                    "by name, found), miss (sent by name, no longer kept: 400), kept (received "
+                                    "with a name and kept)", ["result"], registry=r)
         self.calls = Counter("lm_worker_channel_calls", "Calls on the call channel by method (generate, "
                              "generate:stream) and status code", ["method", "code"], registry=r)
         self.tokens_per_second = Gauge("lm_worker_generation_tokens_per_second",

@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -34,12 +34,24 @@ from lm_worker.model.kv_cache import KVCache
 from proto import ImageForInsert
 from proto.image_for_insert import feature_blocks
 
-__all__ = ["PrefixCache", "prefix_block_keys"]
+__all__ = ["PrefixCache", "image_digests", "prefix_block_keys"]
 
 _DIGEST_BYTES = 16
 
 
-def _image_digests(prompt_ids: Sequence[int], images: Sequence[ImageForInsert]) -> dict[int, list[bytes]] | None:
+def image_digests(item: ImageForInsert) -> list[bytes]:
+    """A digest of each image's features (dtype, shape and values), in order."""
+    digests = []
+    for block in feature_blocks(item.image_features if item.image_features is not None else []):
+        block = block.detach().contiguous()  # [L, C]
+        digest = hashlib.blake2b(f"{block.dtype}{list(block.shape)}".encode(), digest_size=_DIGEST_BYTES)
+        digest.update(block.view(torch.uint8).cpu().numpy())
+        digests.append(digest.digest())
+    return digests
+
+
+def _image_digests(prompt_ids: Sequence[int], images: Sequence[ImageForInsert],
+                   known: Mapping[int, Sequence[bytes]]) -> dict[int, list[bytes]] | None:
     """Start-token position → digest of the features inserted after it (None: images and
     start tokens do not pair up, which the fusion refuses anyway)."""
     digests: dict[int, list[bytes]] = {}
@@ -47,29 +59,29 @@ def _image_digests(prompt_ids: Sequence[int], images: Sequence[ImageForInsert]) 
         if item.image_features is None:
             return None
         positions = [i for i, token in enumerate(prompt_ids) if token == item.insert_start_token]
-        blocks = list(feature_blocks(item.image_features))
-        if len(positions) != len(blocks):
+        values = known.get(item.insert_start_token)
+        values = image_digests(item) if values is None else values
+        if len(positions) != len(values):
             return None
-        for position, block in zip(positions, blocks, strict=True):
-            block = block.detach().contiguous()  # [L, C]
-            digest = hashlib.blake2b(f"{block.dtype}{list(block.shape)}".encode(), digest_size=_DIGEST_BYTES)
-            digest.update(block.view(torch.uint8).cpu().numpy())
-            digests.setdefault(position, []).append(digest.digest())
+        for position, digest in zip(positions, values, strict=True):
+            digests.setdefault(position, []).append(digest)
     return digests
 
 
 def prefix_block_keys(prompt_ids: Sequence[int], images: Sequence[ImageForInsert], block_size: int,
-                      salt: str | None = None) -> list[bytes]:
+                      salt: str | None = None, known_digests: Mapping[int, Sequence[bytes]] | None = None) -> list[bytes]:
     """Chained keys of the full blocks of ``prompt_ids`` before its last position.
 
     A ``salt`` (the request's ``cache_salt``) starts the chain, so salted prompts match
-    only prompts of the same salt, and unsalted ones only unsalted ones."""
+    only prompts of the same salt, and unsalted ones only unsalted ones.
+    ``known_digests``: per start token, the :func:`image_digests` of that kind's images
+    in order, where the caller has them already (they are not hashed again)."""
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
     count = (len(prompt_ids) - 1) // block_size
     if count <= 0:
         return []
-    digests = _image_digests(prompt_ids, images)
+    digests = _image_digests(prompt_ids, images, known_digests or {})
     if digests is None:
         return []
     keys: list[bytes] = []

@@ -48,6 +48,7 @@ class ReadyResponse(BaseModel):
     free_slots: int
     reason: str | None = None
     rpc_port: int | None = None  # where generates are served as calls too
+    features_by_reference: bool = False  # keeps named image features (GenerateRequest.feature_refs)
 
 
 class TokenChunkEvent(BaseModel):

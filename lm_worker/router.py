@@ -71,7 +71,8 @@ def create_router(service: LMWorkerService) -> APIRouter:
         body = ReadyResponse(status="ready" if ok else "not_ready", model=service.model_name,
                              running=scheduler.num_running, waiting=scheduler.num_waiting,
                              free_slots=scheduler.backend.num_free_slots, reason=reason,
-                             rpc_port=getattr(request.app.state, "rpc_port", None))
+                             rpc_port=getattr(request.app.state, "rpc_port", None),
+                             features_by_reference=service.features is not None)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
     @router.get("/metrics")

@@ -15,9 +15,10 @@ import torch
 
 import proto
 from lm_worker.errors import EngineUnavailable
+from lm_worker.feature_store import FeatureStore
 from lm_worker.metrics import LMWorkerMetrics
 from lm_worker.model import LocalDecoderBackend
-from lm_worker.prefix_cache import PrefixCache, prefix_block_keys
+from lm_worker.prefix_cache import PrefixCache, image_digests, prefix_block_keys
 from lm_worker.runner import ModelRunner
 from lm_worker.scheduler import Scheduler
 from lm_worker.sequence import GenerationStream, SequenceRequest
@@ -57,6 +58,9 @@ class LMWorkerService:
             observer=self.metrics,
             prefix_cache=self.prefix_cache,
         )
+        self.features = (FeatureStore(settings.feature_store_mb * 2**20,
+                                      lambda result: self.metrics.feature_refs.labels(result).inc())
+                         if settings.feature_store_mb > 0 else None)
         self.validator = RequestValidator(model.tokenizer, encoder_output_dim=config.encoder_output_dim,
                                           vocab_size=config.vocab_size, max_seq_len=max_seq_len)
         self.wire_limits = WireLimits(max_message_bytes=settings.max_body_bytes)
@@ -81,10 +85,20 @@ class LMWorkerService:
         """Decode and validate a msgpack ``GenerateRequest`` (CPU work: run it off the loop)."""
         arrival = time.perf_counter()
         request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
+        # Named items that came without features take the kept ones (or a 400 naming them);
+        # with no store they stay empty, and the validator refuses them.
+        digests = self.features.resolve(request) if self.features is not None else [None] * len(request.images)
         sequence = self.validator(request, arrival)
         if self.prefix_cache is not None:  # hashing the features is CPU work too: here, off the engine
+            digests = [kept if kept is not None else image_digests(item)
+                       for item, kept in zip(request.images, digests, strict=True)]
+            by_start: dict[int, list[bytes]] = {}
+            for item, item_digests in zip(request.images, digests, strict=True):  # the validator's merge order
+                by_start.setdefault(item.insert_start_token, []).extend(item_digests)
             sequence.prefix_keys = prefix_block_keys(sequence.prompt_ids, sequence.images,
-                                                     self.prefix_cache.block_size, request.cache_salt)
+                                                     self.prefix_cache.block_size, request.cache_salt, by_start)
+        if self.features is not None:
+            self.features.keep(request, digests)
         sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
         return request, sequence
 

@@ -44,6 +44,7 @@ class LMWorkerSettings:
     compile_steps: str = "off"  # on: decode steps and prefills compiled by Inductor at start-up (where no CUDA graphs run)
     prefix_cache_mb: int = 256  # keys and values of prompt prefixes kept for reuse (0: off)
     prefix_block_size: int = 16  # prompt positions per cached block
+    feature_store_mb: int = 256  # image features kept for callers to name again (0: off)
     max_body_bytes: int = 64 * 1024 * 1024
     ready_timeout_s: float = 10.0
     internal_token: str | None = None  # required in x-internal-token on /v1/* when set
@@ -58,8 +59,8 @@ class LMWorkerSettings:
         for name in ("max_batch_size", "max_prefill_tokens", "max_body_bytes"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.max_waiting < 0 or self.max_seq_len < 0 or self.prefix_cache_mb < 0:
-            raise ValueError("max_waiting, max_seq_len and prefix_cache_mb must be >= 0")
+        if min(self.max_waiting, self.max_seq_len, self.prefix_cache_mb, self.feature_store_mb) < 0:
+            raise ValueError("max_waiting, max_seq_len, prefix_cache_mb and feature_store_mb must be >= 0")
         if self.prefix_block_size < 1:
             raise ValueError(f"prefix_block_size must be >= 1, got {self.prefix_block_size}")
         if self.cuda_graphs not in ("auto", "off"):

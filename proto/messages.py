@@ -35,6 +35,7 @@ FEATURE_DTYPES = ("bfloat16", "float16", "float32")
 FINISH_REASONS = ("stop", "length", "abort")
 MAX_REQUEST_ID_LEN = 128
 MAX_CACHE_SALT_LEN = 256
+MAX_FEATURE_REF_LEN = 128
 
 
 def new_request_id() -> str:
@@ -49,6 +50,16 @@ def _request_id(reader: FieldReader) -> str:
     if not (value.isascii() and value.isprintable()) or " " in value:
         raise InvalidValue(reader.name("request_id"), "must be printable ASCII without spaces", value)
     return value
+
+
+def _check_feature_refs(refs: list[str], images: int) -> None:
+    if len(refs) != images:
+        raise InvalidValue("feature_refs", f"one name per item of images ({images}), got {len(refs)}", len(refs))
+    for index, ref in enumerate(refs):
+        if len(ref) > MAX_FEATURE_REF_LEN:
+            raise LimitExceeded(f"feature_refs[{index}]", "length", len(ref), MAX_FEATURE_REF_LEN)
+        if not ref or not (ref.isascii() and ref.isprintable()) or " " in ref:
+            raise InvalidValue(f"feature_refs[{index}]", "must be non-empty printable ASCII without spaces", ref)
 
 
 @dataclass
@@ -179,6 +190,12 @@ class GenerateRequest:
 
     ``cache_salt`` (optional, non-empty): requests share cached prompt prefixes only
     with requests of the same salt, so one tenant cannot time another's prompts.
+
+    ``feature_refs`` (optional, one per item of ``images``): names for the items'
+    features. A worker that keeps features (it says so in ``/ready``) keeps an item
+    that comes with features under its name; an item that comes with a name and no
+    features stands for the features kept under it. A worker that no longer has them
+    answers 400 naming ``feature_refs[i]``: send them again.
     """
 
     prompt: str | None = None
@@ -189,6 +206,7 @@ class GenerateRequest:
     request_id: str = field(default_factory=new_request_id)
     timings: dict[str, float] = field(default_factory=dict)
     cache_salt: str | None = None
+    feature_refs: list[str] | None = None
 
     def to_wire(self) -> dict[str, Any]:
         wire = {
@@ -200,8 +218,11 @@ class GenerateRequest:
             "stream": self.stream,
             "timings": dict(self.timings),
         }
-        if self.cache_salt is not None:  # absent unless set: a worker that predates it reads the rest
+        # Absent unless set: a worker that predates them reads the rest.
+        if self.cache_salt is not None:
             wire["cache_salt"] = self.cache_salt
+        if self.feature_refs is not None:
+            wire["feature_refs"] = list(self.feature_refs)
         return wire
 
     @classmethod
@@ -217,12 +238,15 @@ class GenerateRequest:
             stream=reader.bool("stream", False),
             timings=reader.timings(),
             cache_salt=reader.str("cache_salt", None),
+            feature_refs=reader.str_list("feature_refs", None, max_len=budget.limits.max_images),
         )
         if msg.cache_salt is not None:
             if not msg.cache_salt:
                 raise InvalidValue("cache_salt", "must be a non-empty string when given", msg.cache_salt)
             if len(msg.cache_salt) > MAX_CACHE_SALT_LEN:
                 raise LimitExceeded("cache_salt", "length", len(msg.cache_salt), MAX_CACHE_SALT_LEN)
+        if msg.feature_refs is not None:
+            _check_feature_refs(msg.feature_refs, len(msg.images))
         if (msg.prompt is None) == (msg.input_ids is None):
             raise InvalidValue("prompt", "give exactly one of prompt or input_ids")
         if msg.prompt is not None and len(msg.prompt) > budget.limits.max_str_len:

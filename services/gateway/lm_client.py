@@ -8,11 +8,17 @@ and streams go over the endpoint's call channel (``services.common.rpc``) when i
 one, else over HTTP (a stream as server-sent events). Closing an :class:`LMStream`
 cancels the call, or closes the HTTP response, which the worker sees as a disconnect;
 either way it frees the sequence's KV-cache slot, as cancelling a generate does.
+
+Image features go by name to a worker that keeps them (``/ready`` says so) and was
+sent them whole before: a chat about one photo ships its features once per worker,
+not once per turn. A worker that no longer has them answers 400 naming
+``feature_refs``; they are sent whole again, to the same worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -219,9 +225,10 @@ class LMClient:
 
     async def _generate(self, request: GenerateRequest) -> GenerateResponse:
         request.stream = False
-        chunks = proto.encode_chunks(request)
-        endpoint, data = await self._first_to_start(request.request_id, affinity_key(request),
-                                                    lambda endpoint: self._generate_on(endpoint, request, chunks))
+        endpoint, data = await self._first_to_start(
+            request.request_id, affinity_key(request),
+            lambda endpoint: self._features_by_name(endpoint, request, lambda chunks: self._generate_on(
+                endpoint, request, chunks)))
         self.pool.release(endpoint)
         try:
             message = proto.decode(data, expect=GenerateResponse, limits=self.limits)
@@ -248,10 +255,31 @@ class LMClient:
         """Start generating; returns once the worker accepted (over HTTP: status 200, before
         any token; over the call channel: with the first event)."""
         request.stream = True
-        chunks = proto.encode_chunks(request)
-        endpoint, source = await self._first_to_start(request.request_id, affinity_key(request),
-                                                      lambda endpoint: self._stream_on(endpoint, request, chunks))
+        endpoint, source = await self._first_to_start(
+            request.request_id, affinity_key(request),
+            lambda endpoint: self._features_by_name(endpoint, request, lambda chunks: self._stream_on(
+                endpoint, request, chunks)))
         return LMStream(self, endpoint, source)
+
+    async def _features_by_name(self, endpoint: Endpoint, request: GenerateRequest,
+                                send: Callable[[list[bytes | memoryview]], Awaitable[T]]) -> T:
+        """``send`` the request's message for ``endpoint``: its features by name where the
+        worker was sent them before, else (or when it no longer has them) whole."""
+        names = request.feature_refs or []
+        if endpoint.holds_features(names):
+            named = dataclasses.replace(request, images=[proto.ImageForInsert(item.insert_start_token)
+                                                         for item in request.images])
+            try:
+                return await send(proto.encode_chunks(named))
+            except InvalidRequest as exc:
+                if not (exc.upstream_field or "").startswith("feature_refs"):
+                    raise
+                endpoint.forget_features(names)  # evicted (or the worker restarted): whole, once more
+        whole = request if endpoint.features_by_reference else dataclasses.replace(request, feature_refs=None)
+        answer = await send(proto.encode_chunks(whole))
+        if endpoint.features_by_reference and names:
+            endpoint.sent_features(names)
+        return answer
 
     async def _stream_on(self, endpoint: Endpoint, request: GenerateRequest,
                          chunks: list[bytes | memoryview]) -> httpx.Response | RpcStream:

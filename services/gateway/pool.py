@@ -27,8 +27,9 @@ import hashlib
 import itertools
 import logging
 import time
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
 
 import httpx
 
@@ -40,6 +41,7 @@ __all__ = ["Endpoint", "EndpointPool"]
 logger = logging.getLogger(__name__)
 
 RPC_CONNECT_IN_PROBE_S = 1.0  # how long a probe waits to connect to a newly reported call channel
+MAX_NAMED_FEATURES = 65536  # names remembered per endpoint (a worker keeps what its memory bound allows)
 
 
 @dataclass(eq=False)
@@ -53,9 +55,29 @@ class Endpoint:
     # A channel that could not be reached is not used again until this (monotonic) time,
     # unless the endpoint reports another port (it restarted).
     rpc_unreachable: tuple[int, float] | None = None
+    # An LM worker that keeps named image features (its /ready says so), and the names of
+    # those it was sent (GenerateRequest.feature_refs), most recent last.
+    features_by_reference: bool = False
+    named_features: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
         self.host = httpx.URL(self.url).host or "127.0.0.1"
+
+    def holds_features(self, names: Sequence[str]) -> bool:
+        """Whether every one of ``names`` was sent here with its features (and may be
+        kept still: a worker that evicted one answers 400 and is sent it again)."""
+        return self.features_by_reference and bool(names) and all(name in self.named_features for name in names)
+
+    def sent_features(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.named_features[name] = None
+            self.named_features.move_to_end(name)
+        while len(self.named_features) > MAX_NAMED_FEATURES:
+            self.named_features.popitem(last=False)
+
+    def forget_features(self, names: Sequence[str]) -> None:
+        for name in names:
+            self.named_features.pop(name, None)
 
     @property
     def rpc_address(self) -> tuple[str, int] | None:
@@ -157,8 +179,17 @@ class EndpointPool:
             ok, reason = response.status_code == 200, f"HTTP {response.status_code}"
         except httpx.HTTPError as exc:
             ok, reason = False, type(exc).__name__
-        if ok and self.rpc is not None:
-            await self._learn_rpc_port(endpoint, response)
+        if ok:
+            try:
+                body = response.json()
+            except ValueError:
+                body = None
+            body = body if isinstance(body, dict) else {}
+            endpoint.features_by_reference = body.get("features_by_reference") is True
+            if not endpoint.features_by_reference:  # off, or a worker from before: features go whole
+                endpoint.named_features.clear()
+            if self.rpc is not None:
+                await self._learn_rpc_port(endpoint, body)
         if ok:
             if not endpoint.ready:
                 logger.info("%s endpoint %s is ready again", self.name, endpoint.url)
@@ -168,11 +199,8 @@ class EndpointPool:
             self.record_failure(endpoint, f"readiness probe: {reason}")
         return ok
 
-    async def _learn_rpc_port(self, endpoint: Endpoint, response: httpx.Response) -> None:
-        try:
-            port = response.json().get("rpc_port")
-        except (ValueError, AttributeError):  # not JSON, or not an object
-            port = None
+    async def _learn_rpc_port(self, endpoint: Endpoint, body: dict) -> None:
+        port = body.get("rpc_port")
         if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
             endpoint.rpc_port = None
             return

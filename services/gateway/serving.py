@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from proto import GenerateRequest, GenerateResponse, SamplingParams
-from services.gateway.cache import FeatureCache, FeatureKey
+from services.gateway.cache import FeatureCache, FeatureKey, features_name
 from services.gateway.encoder_client import EncoderClient
 from services.gateway.errors import ClientError, LimitExceeded, ModelNotFound, UpstreamTimeout
 from services.gateway.features import EncodedImage, split_image_for_insert
@@ -171,12 +171,19 @@ class Pipeline:
         return inspect_image(data, param=source.param, max_pixels=self.settings.max_pixels, max_bytes=limit)
 
     # ---- features ------------------------------------------------------------------
+    def feature_keys(self, images: Sequence[ValidatedImage], cache_salt: str | None = None) -> list[FeatureKey]:
+        return [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype, cache_salt)
+                for image in images]
+
+    def features_name(self, images: Sequence[ValidatedImage], cache_salt: str | None = None) -> str:
+        """What the LM worker keeps these images' features under, sent together."""
+        return features_name(self.feature_keys(images, cache_salt))
+
     async def features(self, images: Sequence[ValidatedImage], timer: StageTimer, *,
                        request_id: str, cache_salt: str | None = None) -> list[EncodedImage]:
         """Features per image, in order: cached ones (of the same ``cache_salt``) at once,
         the rest in one encoder call."""
-        keys = [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype, cache_salt)
-                for image in images]
+        keys = self.feature_keys(images, cache_salt)
         data_by_key = {key: image.data for key, image in zip(keys, images, strict=True)}
         param_by_key: dict[FeatureKey, str] = {}
         for key, image in zip(keys, images, strict=True):

@@ -52,8 +52,8 @@ class CaptionService:
             features = await pipeline.features(images, timer, request_id=request_id, cache_salt=cache_salt)
             requests = [GenerateRequest(prompt=text, images=[join_encoded([encoded])], sampling=sampling,
                                         request_id=f"{request_id}-{i}", timings=timer.as_dict(),
-                                        cache_salt=cache_salt)
-                        for i, encoded in enumerate(features)]
+                                        cache_salt=cache_salt, feature_refs=[pipeline.features_name([image], cache_salt)])
+                        for i, (image, encoded) in enumerate(zip(images, features, strict=True))]
             results: list[GenerateResponse] = await gather_or_cancel(
                 [pipeline.generate(request, timer) for request in requests])
             if any(result.finish_reason == "abort" for result in results):

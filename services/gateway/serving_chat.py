@@ -101,13 +101,14 @@ class ChatService:
             max_tokens=request.requested_max_tokens, temperature=request.temperature, top_p=request.top_p,
             seed=request.seed, stop=request.stop_list, ignore_eos=request.ignore_eos,
             param="max_completion_tokens" if request.max_completion_tokens is not None else "max_tokens")
-        images = []
+        images, names = [], None
         if sources:
             validated = await pipeline.load_images(sources, timer)
             images = [join_encoded(await pipeline.features(validated, timer, request_id=request_id,
                                                            cache_salt=request.cache_salt))]
+            names = [pipeline.features_name(validated, request.cache_salt)]
         return GenerateRequest(prompt=prompt, images=images, sampling=sampling, request_id=request_id,
-                               timings=timer.as_dict(), cache_salt=request.cache_salt)
+                               timings=timer.as_dict(), cache_salt=request.cache_salt, feature_refs=names)
 
     async def complete(self, request: ChatCompletionRequest, *, request_id: str,
                        timer: StageTimer) -> ChatCompletionResponse:

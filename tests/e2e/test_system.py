@@ -106,9 +106,14 @@ def test_repeated_image_is_served_from_the_cache(stack):
             return sum(metric_value(client.get(f"{e.url}/metrics").text, "step37_encoder_images_total")
                        for e in stack.encoders)
 
-        before = encoder_requests()
+        def named_features_found() -> float:
+            return sum(metric_value(client.get(f"{w.url}/metrics").text, "lm_worker_feature_refs_total", result="hit")
+                       for w in stack.lm_workers)
+
+        before, found = encoder_requests(), named_features_found()
         second = caption_via_api(client, stack.url, data)
         assert encoder_requests() == before, "the encoder was called for a cached image"
+        assert named_features_found() == found + 1, "the features went to the LM worker again, not by name"
     assert second["captions"] == first["captions"]
     assert first["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
     assert 0 < second["usage"]["prompt_tokens_details"]["cached_tokens"] < second["usage"]["prompt_tokens"]

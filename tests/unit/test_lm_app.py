@@ -14,6 +14,7 @@ import httpx
 import msgpack
 import pytest
 import torch
+from prometheus_client.parser import text_string_to_metric_families
 
 import proto
 from lm_worker import cli
@@ -22,6 +23,8 @@ from lm_worker.serving import LMWorkerService
 from lm_worker.settings import LMWorkerSettings
 from proto import EncodeRequest, GenerateRequest, GenerateResponse, ImageForInsert, SamplingParams
 from services.demo.checkpoint import random_checkpoint
+from services.gateway.lm_client import LMClient, TokenDelta
+from services.gateway.pool import EndpointPool
 
 MAX_BODY_BYTES = 256 * 1024
 TOKENS_PER_IMAGE, FEATURE_DIM = 16, 256  # the tiny vision tower's output
@@ -110,6 +113,74 @@ async def test_raw_input_ids_and_bf16_features_work_like_a_prompt(client, servic
     assert by_ids.token_ids == by_prompt.token_ids
     bf16 = ImageForInsert(tokenizer.ids.im_start, image_features=features().bfloat16())
     assert len((await generate(client, good_request(service, images=[bf16]))).token_ids) == 6
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return sample.value
+    return 0.0
+
+
+@pytest.mark.anyio
+async def test_features_sent_once_with_a_name_can_then_be_named_alone(client, service) -> None:
+    assert (await client.get("/ready")).json()["features_by_reference"] is True
+    start = service.model.tokenizer.ids.im_start
+    named = good_request(service, images=[ImageForInsert(start, image_features=features(seed=7))],
+                         feature_refs=["img-7"])
+    first = await generate(client, named)
+    by_name = good_request(service, images=[ImageForInsert(start)], feature_refs=["img-7"])
+    again = await generate(client, by_name)
+    assert again.token_ids == first.token_ids
+    assert again.cached_tokens > 0  # the prefix cache found it by the kept features' digests
+    text = (await client.get("/metrics")).text
+    assert metric(text, "lm_worker_feature_refs_total", result="kept") >= 1
+    assert metric(text, "lm_worker_feature_refs_total", result="hit") >= 1
+
+    service.features.clear()  # evicted: the caller hears which name to send again
+    response = await post(client, by_name)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["field"] == "feature_refs[0]" and error["type"] == "features_not_kept", error
+    assert metric((await client.get("/metrics")).text, "lm_worker_feature_refs_total", result="miss") >= 1
+    assert (await generate(client, named)).token_ids == first.token_ids  # sent again: served, kept again
+    assert len(service.features) == 1
+
+
+@pytest.mark.anyio
+async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> None:
+    sizes: list[int] = []
+
+    class Recording(httpx.ASGITransport):
+        async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+            if request.url.path == "/v1/generate":
+                sizes.append(len(request.content))
+            return await super().handle_async_request(request)
+
+    async with httpx.AsyncClient(transport=Recording(create_app(service)), base_url="http://lm") as http:
+        pool = EndpointPool("lm", ["http://lm"])
+        await pool.probe_once(http)
+        assert pool.endpoints[0].features_by_reference
+        lm = LMClient(pool, http)
+        start = service.model.tokenizer.ids.im_start
+
+        def request() -> GenerateRequest:
+            return good_request(service, images=[ImageForInsert(start, image_features=features(seed=11))],
+                                feature_refs=["img-11"])
+
+        first = await lm.generate(request())
+        second = await lm.generate(request())
+        stream = await lm.open_stream(request())
+        streamed = [event async for event in stream.events()]
+        await stream.aclose()
+        service.features.clear()  # the worker forgot them: 400, then sent whole again
+        fourth = await lm.generate(request())
+    assert first.token_ids == second.token_ids == fourth.token_ids
+    assert [t for event in streamed if isinstance(event, TokenDelta) for t in event.token_ids] == first.token_ids
+    whole, by_name = sizes[0], sizes[1]
+    assert by_name < whole - TOKENS_PER_IMAGE * FEATURE_DIM * 4 + 512  # the float32 features stayed behind
+    assert sizes == [whole, by_name, by_name, by_name, whole]
 
 
 @pytest.mark.anyio

@@ -89,7 +89,9 @@ def test_decoded_tensor_is_a_view_of_the_received_bytes():
         GenerateRequest(prompt="describe <image>", images=[make_item()],
                         sampling=SamplingParams(max_new_tokens=9, temperature=0.7, top_p=0.9, top_k=5, seed=3,
                                                 stop_token_ids=[2], stop=["."]),
-                        stream=True, request_id="r3", timings={"encode_ms": 3.0}, cache_salt="tenant-a"),
+                        stream=True, request_id="r3", timings={"encode_ms": 3.0}, cache_salt="tenant-a",
+                        feature_refs=["f00d"]),
+        GenerateRequest(prompt="again <image>", images=[ImageForInsert(4)], feature_refs=["f00d"]),
         GenerateRequest(input_ids=[1, 2, 3]),
         GenerateResponse(token_ids=[4, 5], text="a red circle", finish_reason="length", prompt_tokens=20, cached_tokens=16,
                          request_id="r4", timings={"prefill_ms": 2.0, "decode_ms": 5.0}),
@@ -118,7 +120,7 @@ def assert_same(a, b):
 
 def test_an_unsalted_generate_request_sends_no_cache_salt():
     # A worker that predates the field reads the message unchanged.
-    assert "cache_salt" not in GenerateRequest(prompt="x").to_wire()
+    assert not {"cache_salt", "feature_refs"} & set(GenerateRequest(prompt="x").to_wire())
     assert proto.decode(proto.encode(GenerateRequest(prompt="x"))).cache_salt is None
 
 
@@ -180,6 +182,9 @@ def tensor_map(dtype="float32", shape=(1, 2, 4), data=None):
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": ""}), InvalidValue, "cache_salt", "non-empty"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": "s" * 257}), LimitExceeded, "cache_salt", "limit of 256"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "cache_salt": 7}), WrongType, "cache_salt", "string"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "feature_refs": ["a"]}), InvalidValue, "feature_refs", "one name per item"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "images": [{"insert_start_token": 4}], "feature_refs": ["a b"]}), InvalidValue, "feature_refs[0]", "printable"),
+        (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "images": [{"insert_start_token": 4}], "feature_refs": ["a" * 129]}), LimitExceeded, "feature_refs[0]", "limit of 128"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "sampling": {"top_p": 0}}), InvalidValue, "sampling.top_p", "(0, 1]"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "sampling": {"temperature": -1}}), InvalidValue, "sampling.temperature", "[0, 100]"),
         (msgpack.packb({"v": 1, "type": "GenerateRequest", "prompt": "x", "images": [{"insert_start_token": 1, "image_features": 3}]}), WrongType, "images[0].image_features", "tensor map"),

@@ -1,0 +1,129 @@
+"""Image features a caller may name again instead of sending them.
+
+A chat that goes on about one photo resends the photo every turn, and the gateway,
+whose feature cache answers for the encoder, would ship its features (about 2 MB of
+bf16 per image at Step3.7's size) to the LM worker every turn, where they are decoded,
+scanned for non-finite values and hashed for the prefix cache again. With
+``GenerateRequest.feature_refs`` the worker keeps what it received under the caller's
+names; the caller then sends a name alone, and the worker answers 400 naming
+``feature_refs[i]`` when it no longer has it, so the caller sends the features again.
+
+Kept per name: the validated item and the digests of its images (the prefix cache's
+block keys hash them), least recently used out first, within ``max_bytes``. Requests
+are prepared on worker threads, so every method takes the lock.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from lm_worker.errors import ClientError
+from proto import GenerateRequest, ImageForInsert, feature_blocks
+
+__all__ = ["FeatureStore", "FeaturesNotKept"]
+
+
+class FeaturesNotKept(ClientError):
+    kind = "features_not_kept"
+
+
+@dataclass(frozen=True)
+class _Kept:
+    item: ImageForInsert
+    digests: list[bytes] | None  # one per image, once something asked for them
+    nbytes: int
+
+
+class FeatureStore:
+    """Named ``ImageForInsert`` items, least recently used out first."""
+
+    def __init__(self, max_bytes: int, on_event: Callable[[str], None] | None = None) -> None:
+        """``on_event``: called with "hit", "miss" or "kept" (the metrics count them)."""
+        if max_bytes < 1:
+            raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self._kept: OrderedDict[str, _Kept] = OrderedDict()
+        self._bytes = 0
+        self._lock = threading.Lock()
+        self._on_event = on_event or (lambda event: None)
+
+    def __len__(self) -> int:
+        return len(self._kept)
+
+    @property
+    def bytes(self) -> int:
+        return self._bytes
+
+    def resolve(self, request: GenerateRequest) -> list[list[bytes] | None]:
+        """Put the kept item in place of every named item that came without features.
+
+        Returns, per item, the kept digests of its images (None where the item brought
+        its own features, or none were kept). Raises :class:`FeaturesNotKept` naming the
+        first name it does not have.
+        """
+        refs = request.feature_refs or [None] * len(request.images)
+        digests: list[list[bytes] | None] = []
+        with self._lock:
+            for index, (item, ref) in enumerate(zip(request.images, refs, strict=True)):
+                if ref is None or item.image_features is not None or item.images is not None:
+                    digests.append(None)
+                    continue
+                kept = self._kept.get(ref)
+                if kept is None or kept.item.insert_start_token != item.insert_start_token:
+                    self._on_event("miss")
+                    raise FeaturesNotKept(f"feature_refs[{index}]", "these features are no longer kept here; "
+                                          "send them again", ref)
+                self._kept.move_to_end(ref)
+                self._on_event("hit")
+                request.images[index] = kept.item
+                digests.append(kept.digests)
+        return digests
+
+    def keep(self, request: GenerateRequest, digests: list[list[bytes] | None] | None = None) -> None:
+        """Keep every named item of a validated request that brought its features
+        (``digests``: per item, its images' digests where known)."""
+        if not request.feature_refs:
+            return
+        digests = digests or [None] * len(request.images)
+        with self._lock:
+            for item, ref, item_digests in zip(request.images, request.feature_refs, digests, strict=True):
+                kept = self._kept.get(ref)
+                if kept is not None and kept.item is item:  # it came by name: only the digests may be new
+                    if kept.digests is None and item_digests is not None:
+                        self._kept[ref] = _Kept(item, item_digests, kept.nbytes)
+                    continue
+                if item.image_features is None:
+                    continue
+                nbytes = sum(block.numel() * block.element_size() for block in feature_blocks(item.image_features))
+                if nbytes > self.max_bytes:
+                    continue
+                if kept is not None:
+                    self._forget(ref)
+                self._kept[ref] = _Kept(_owned(item), item_digests, nbytes)
+                self._bytes += nbytes
+                self._on_event("kept")
+                while self._bytes > self.max_bytes:
+                    self._forget(next(iter(self._kept)))
+
+    def clear(self) -> None:
+        with self._lock:
+            self._kept.clear()
+            self._bytes = 0
+
+    def _forget(self, ref: str) -> None:
+        self._bytes -= self._kept.pop(ref).nbytes
+
+
+def _owned(item: ImageForInsert) -> ImageForInsert:
+    """``item`` with its own copy of the features: decoded ones are views of the received
+    message, which keeping them would keep whole (and outside the byte count)."""
+    features = item.image_features
+    return dataclasses.replace(
+        item, image_features=features.clone() if isinstance(features, torch.Tensor) else [b.clone() for b in features],
+        rope_cu_seqlens=None if item.rope_cu_seqlens is None else item.rope_cu_seqlens.clone())
