@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import torch
 
@@ -26,9 +27,42 @@ from lm_worker.settings import LMWorkerSettings, LoadedModel, load_model
 from lm_worker.validation import RequestValidator
 from proto import GenerateRequest, GenerateResponse, ImageForInsert, WireLimits
 
-__all__ = ["LMWorkerService", "ReadyState"]
+__all__ = ["LMWorkerService", "ReadyState", "RequestPreparer"]
 
 ReadyState = tuple[bool, str | None]  # (ready, reason when not)
+
+
+@dataclass
+class RequestPreparer:
+    """Bytes → a request the engine can run: decode, named features put back, validation,
+    prefix-cache keys; kept features are kept. CPU work: callers run it off the loop."""
+
+    validator: RequestValidator
+    wire_limits: WireLimits
+    features: FeatureStore | None = None
+    prefix_block_size: int | None = None  # None: no prefix cache, no keys
+
+    def __call__(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
+        arrival = time.perf_counter()
+        request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
+        # Named items that came without features take the kept ones (or a 400 naming them);
+        # with no store they stay empty, and the validator refuses them.
+        sent = list(request.images)
+        digests = self.features.resolve(request) if self.features is not None else [None] * len(sent)
+        kept = [item is not came for item, came in zip(request.images, sent, strict=True)]
+        sequence = self.validator(request, arrival, checked=kept)  # kept items were scanned when they came
+        if self.prefix_block_size is not None:  # hashing the features is CPU work too: here, off the engine
+            digests = [digest if digest is not None else image_digests(item)
+                       for item, digest in zip(request.images, digests, strict=True)]
+            by_start: dict[int, list[bytes]] = {}
+            for item, item_digests in zip(request.images, digests, strict=True):  # the validator's merge order
+                by_start.setdefault(item.insert_start_token, []).extend(item_digests)
+            sequence.prefix_keys = prefix_block_keys(sequence.prompt_ids, sequence.images,
+                                                     self.prefix_block_size, request.cache_salt, by_start)
+        if self.features is not None:
+            self.features.keep(request, digests)
+        sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
+        return request, sequence
 
 
 class LMWorkerService:
@@ -61,9 +95,11 @@ class LMWorkerService:
         self.features = (FeatureStore(settings.feature_store_mb * 2**20,
                                       lambda result: self.metrics.feature_refs.labels(result).inc())
                          if settings.feature_store_mb > 0 else None)
-        self.validator = RequestValidator(model.tokenizer, encoder_output_dim=config.encoder_output_dim,
-                                          vocab_size=config.vocab_size, max_seq_len=max_seq_len)
-        self.wire_limits = WireLimits(max_message_bytes=settings.max_body_bytes)
+        self.preparer = RequestPreparer(
+            RequestValidator(model.tokenizer, encoder_output_dim=config.encoder_output_dim,
+                             vocab_size=config.vocab_size, max_seq_len=max_seq_len),
+            WireLimits(max_message_bytes=settings.max_body_bytes), self.features,
+            self.prefix_cache.block_size if self.prefix_cache is not None else None)
         self._probe_ids, self._probe_images = self._probe_request()
 
     @classmethod
@@ -83,24 +119,7 @@ class LMWorkerService:
     # ---- requests --------------------------------------------------------------------
     def prepare(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
         """Decode and validate a msgpack ``GenerateRequest`` (CPU work: run it off the loop)."""
-        arrival = time.perf_counter()
-        request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
-        # Named items that came without features take the kept ones (or a 400 naming them);
-        # with no store they stay empty, and the validator refuses them.
-        digests = self.features.resolve(request) if self.features is not None else [None] * len(request.images)
-        sequence = self.validator(request, arrival)
-        if self.prefix_cache is not None:  # hashing the features is CPU work too: here, off the engine
-            digests = [kept if kept is not None else image_digests(item)
-                       for item, kept in zip(request.images, digests, strict=True)]
-            by_start: dict[int, list[bytes]] = {}
-            for item, item_digests in zip(request.images, digests, strict=True):  # the validator's merge order
-                by_start.setdefault(item.insert_start_token, []).extend(item_digests)
-            sequence.prefix_keys = prefix_block_keys(sequence.prompt_ids, sequence.images,
-                                                     self.prefix_cache.block_size, request.cache_salt, by_start)
-        if self.features is not None:
-            self.features.keep(request, digests)
-        sequence.timings["preprocess_ms"] = (time.perf_counter() - arrival) * 1e3
-        return request, sequence
+        return self.preparer(body)
 
     async def prepare_async(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
         """:meth:`prepare` on a worker thread: the finite-check scans every feature value."""

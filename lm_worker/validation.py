@@ -19,6 +19,7 @@ fusion inserts one item's blocks at all of that item's start tokens.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -49,9 +50,12 @@ class RequestValidator:
         self.vocab_size = vocab_size
         self.max_seq_len = max_seq_len
 
-    def __call__(self, request: GenerateRequest, arrival_s: float | None = None) -> SequenceRequest:
+    def __call__(self, request: GenerateRequest, arrival_s: float | None = None, *,
+                 checked: Sequence[bool] | None = None) -> SequenceRequest:
+        """``checked[i]``: ``request.images[i]`` is one whose values were scanned before
+        (kept features): its shape and layout are checked again, not every value."""
         self._check_sampling(request.sampling)
-        images, patches = self._group_images(request.images)
+        images, patches = self._group_images(request.images, checked or [False] * len(request.images))
         image_counts = _lengths(images)
         patch_counts = _lengths(patches)
         if request.prompt is not None:
@@ -86,13 +90,14 @@ class RequestValidator:
                 raise ClientError(f"sampling.stop_token_ids[{index}]",
                                   f"not in the vocabulary [0, {self.vocab_size})", token_id)
 
-    def _group_images(self, items: list[ImageForInsert]) -> tuple[ImageForInsert | None, ImageForInsert | None]:
+    def _group_images(self, items: list[ImageForInsert],
+                      checked: Sequence[bool]) -> tuple[ImageForInsert | None, ImageForInsert | None]:
         """Validate each item; merge them into one ``<im_start>`` and one ``<patch_start>`` item."""
         ids = self.tokenizer.ids
         blocks: dict[int, list[torch.Tensor]] = {ids.im_start: [], ids.patch_start: []}
-        for index, item in enumerate(items):
+        for index, (item, scanned) in enumerate(zip(items, checked, strict=True)):
             path = f"images[{index}]"
-            item.validate(require_features=True, check_finite=True, path=path)
+            item.validate(require_features=True, check_finite=not scanned, path=path)
             lengths = item.feature_lengths()
             if 0 in lengths:
                 raise ClientError(f"{path}.image_features",
