@@ -110,6 +110,22 @@ def chunked_prefill(result: dict) -> list[str]:
             f"{result['outputs_identical']}.", ""]
 
 
+def feature_refs(result: dict) -> list[str]:
+    config, table, ratios = result["config"], result["table"], result["ratios"]
+    rows = ["| variant | message bytes | LM worker preparation (ms) |", "| --- | ---: | ---: |"]
+    for name, what in (("whole", "features, no name"), ("whole_named", "features and a new name (kept)"),
+                       ("named", "the name alone")):
+        rows.append(f"| {name}: {what} | {table[name]['message_bytes']:,} | {table[name]['prepare_ms']:.3f} |")
+    shape = " × ".join(str(n) for n in config["image"])
+    return [f"## Image features by name: one Step3.7-sized image ({shape} {config['dtype']}) at the LM worker", "",
+            f"`python bench/feature_refs.py --repeats {config['repeats']} --rounds {config['rounds']}` — "
+            + provenance(result), "", *rows, "",
+            "Preparation is the worker's own (`RequestPreparer`: decode, named features put back, validation with "
+            "its finite-value scan, prefix-cache digests, keeping). Sent by name, a repeated image costs "
+            f"{ratios['prepare_whole_over_named']:.0f}× less there and {ratios['bytes_whole_over_named']:.0f}× fewer "
+            f"bytes on the wire; the prompt's prefix-cache keys are the same: {result['same_prefix_keys']}.", ""]
+
+
 def decode_step(result: dict) -> list[str]:
     variants = result["variants"]
     names = list(variants)
@@ -488,7 +504,7 @@ def main() -> None:
              "(variants interleaved, medians); absolute times are only indicative there.", ""]
     for name, render in (("codec-cpu", codec), ("insert-cpu", insert), ("encoder-cpu", encoder),
                          ("decode_step-cpu", decode_step), ("lm_worker-cpu", lm_worker),
-                         ("chunked_prefill-cpu", chunked_prefill), ("e2e-cpu", e2e), ("e2e-compiled-cpu", e2e),
+                         ("chunked_prefill-cpu", chunked_prefill), ("feature_refs-cpu", feature_refs), ("e2e-cpu", e2e), ("e2e-compiled-cpu", e2e),
                          ("soak-cpu", soak)):
         result = load(name)
         if result is not None:
