@@ -26,11 +26,25 @@ import torch
 from lm_worker.errors import ClientError
 from proto import GenerateRequest, ImageForInsert, feature_blocks
 
-__all__ = ["FeatureStore", "FeaturesNotKept"]
+__all__ = ["FeatureStore", "FeaturesNotKept", "refuse_names"]
 
 
 class FeaturesNotKept(ClientError):
     kind = "features_not_kept"
+
+
+def _named_only(request: GenerateRequest) -> list[tuple[int, str]]:
+    """(index, name) of each item that came with a name and no features."""
+    refs = request.feature_refs or [None] * len(request.images)
+    return [(index, ref) for index, (item, ref) in enumerate(zip(request.images, refs, strict=True))
+            if ref is not None and item.image_features is None and item.images is None]
+
+
+def refuse_names(request: GenerateRequest) -> None:
+    """What a worker that keeps no features answers an item sent by name alone."""
+    for index, ref in _named_only(request):
+        raise FeaturesNotKept(f"feature_refs[{index}]", "this worker keeps no features (--feature-store-mb 0): "
+                              "send them", ref)
 
 
 @dataclass(frozen=True)
@@ -67,22 +81,18 @@ class FeatureStore:
         its own features, or none were kept). Raises :class:`FeaturesNotKept` naming the
         first name it does not have.
         """
-        refs = request.feature_refs or [None] * len(request.images)
-        digests: list[list[bytes] | None] = []
+        digests: list[list[bytes] | None] = [None] * len(request.images)
         with self._lock:
-            for index, (item, ref) in enumerate(zip(request.images, refs, strict=True)):
-                if ref is None or item.image_features is not None or item.images is not None:
-                    digests.append(None)
-                    continue
+            for index, ref in _named_only(request):
                 kept = self._kept.get(ref)
-                if kept is None or kept.item.insert_start_token != item.insert_start_token:
+                if kept is None or kept.item.insert_start_token != request.images[index].insert_start_token:
                     self._on_event("miss")
                     raise FeaturesNotKept(f"feature_refs[{index}]", "these features are no longer kept here; "
                                           "send them again", ref)
                 self._kept.move_to_end(ref)
                 self._on_event("hit")
                 request.images[index] = kept.item
-                digests.append(kept.digests)
+                digests[index] = kept.digests
         return digests
 
     def keep(self, request: GenerateRequest, digests: list[list[bytes] | None] | None = None) -> None:

@@ -48,7 +48,10 @@ class ReadyResponse(BaseModel):
     free_slots: int
     reason: str | None = None
     rpc_port: int | None = None  # where generates are served as calls too
-    features_by_reference: bool = False  # keeps named image features (GenerateRequest.feature_refs)
+    # What it offers callers: named image features kept (GenerateRequest.feature_refs) up to
+    # this many bytes (0: none), and cache_salt honoured (a worker without the field predates it).
+    feature_store_bytes: int = 0
+    cache_salt: bool = True
 
 
 class TokenChunkEvent(BaseModel):

@@ -72,7 +72,7 @@ def create_router(service: LMWorkerService) -> APIRouter:
                              running=scheduler.num_running, waiting=scheduler.num_waiting,
                              free_slots=scheduler.backend.num_free_slots, reason=reason,
                              rpc_port=getattr(request.app.state, "rpc_port", None),
-                             features_by_reference=service.features is not None)
+                             feature_store_bytes=service.features.max_bytes if service.features is not None else 0)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if ok else 503)
 
     @router.get("/metrics")

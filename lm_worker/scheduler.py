@@ -138,7 +138,7 @@ class Scheduler:
         seq = ScheduledSequence(request, output, SamplingState.create(request.sampling),
                                 asyncio.get_running_loop(), asyncio.Queue())
         self.inbox.put(seq)
-        self.observer.on_queue(len(self._running), len(self.inbox), self.backend.num_free_slots)
+        self.observer.on_queue(self.num_running, self.num_waiting, self.backend.num_free_slots)
         return GenerationStream(request.request_id, seq.queue, lambda: self.inbox.cancel(seq))
 
     def probe(self, prompt_ids: list[int], images: list[ImageForInsert]) -> Future:
@@ -214,9 +214,9 @@ class Scheduler:
     def _waits_for_prefix(self, seq: ScheduledSequence, in_flight: set[bytes]) -> bool:
         """Whether the first block of ``seq``'s prompt the cache lacks is one a prompt in
         flight will store when its prefill ends (then ``seq`` starts from it, a step on)."""
-        keys = seq.request.prefix_keys
-        if self.prefix_cache is None or not keys:
+        if self.prefix_cache is None:
             return False
+        keys = seq.request.prefix_keys[: self.prefix_cache.max_blocks]  # what a prefill can leave behind
         held = self.prefix_cache.held(keys)
         return held < len(keys) and keys[held] in in_flight
 
@@ -227,7 +227,6 @@ class Scheduler:
             if self._waits_for_prefix(seq, in_flight):
                 self._deferred.append(seq)
                 continue
-            in_flight.update(seq.request.prefix_keys)
             start = time.perf_counter()
             seq.admitted_s = start
             try:
@@ -244,6 +243,7 @@ class Scheduler:
             seq.pending = embedding[seq.cached_tokens :]  # what the cache did not hold
             seq.prefill_s = time.perf_counter() - start
             self._prefilling.append(seq)
+            in_flight.update(seq.request.prefix_keys)
 
     def _prefill(self) -> int:
         """One prefill call over the next chunks of admitted prompts, oldest first."""
@@ -272,13 +272,13 @@ class Scheduler:
             if last:
                 seq.pending, seq.first_token_s = None, end
                 self._prefilling.remove(seq)
+                self._running.append(seq)  # at once: a sequence is always in one list, for _fail_all
                 finished.append(seq)
             else:
                 seq.pending = seq.pending[chunk.shape[0] :]  # type: ignore[index]
         self._keep_prefixes(finished)
         self.observer.on_prefill(len(chunks), sum(chunk.shape[0] for _, chunk, _ in chunks), end - start)
         self.observer.on_tokens(len(finished))
-        self._running.extend(finished)
         for (seq, _, _), token in zip(chunks, tokens, strict=True):
             if token is not None:
                 self._advance(seq, token)

@@ -16,7 +16,7 @@ import torch
 
 import proto
 from lm_worker.errors import EngineUnavailable
-from lm_worker.feature_store import FeatureStore
+from lm_worker.feature_store import FeatureStore, refuse_names
 from lm_worker.metrics import LMWorkerMetrics
 from lm_worker.model import LocalDecoderBackend
 from lm_worker.prefix_cache import PrefixCache, image_digests, prefix_block_keys
@@ -45,9 +45,10 @@ class RequestPreparer:
     def __call__(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
         arrival = time.perf_counter()
         request = proto.decode(body, expect=GenerateRequest, limits=self.wire_limits)
-        # Named items that came without features take the kept ones (or a 400 naming them);
-        # with no store they stay empty, and the validator refuses them.
+        # Named items that came without features take the kept ones, or a 400 naming them.
         sent = list(request.images)
+        if self.features is None:
+            refuse_names(request)
         digests = self.features.resolve(request) if self.features is not None else [None] * len(sent)
         kept = [item is not came for item, came in zip(request.images, sent, strict=True)]
         sequence = self.validator(request, arrival, checked=kept)  # kept items were scanned when they came

@@ -110,6 +110,11 @@ def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
     return StreamFinish(reason, prompt_tokens, completion_tokens, clean, cached_tokens)
 
 
+def _feature_bytes(item: proto.ImageForInsert) -> int:
+    features = item.image_features
+    return 0 if features is None else sum(block.numel() * block.element_size() for block in proto.feature_blocks(features))
+
+
 def affinity_key(request: GenerateRequest) -> bytes | None:
     """What names the LM worker likely to hold ``request``'s prompt prefix: the text before
     its first image and that image's leading feature values (None without images).
@@ -265,6 +270,10 @@ class LMClient:
                                 send: Callable[[list[bytes | memoryview]], Awaitable[T]]) -> T:
         """``send`` the request's message for ``endpoint``: its features by name where the
         worker was sent them before, else (or when it no longer has them) whole."""
+        if request.cache_salt is not None and not endpoint.honours_cache_salt:
+            # A worker from before cache_salt would share the prompt's prefix across salts.
+            raise ServiceUnavailable(f"the LM worker at {endpoint.url} does not honour cache_salt (an older "
+                                     "version, or not probed yet); retry later", retryable=True)
         names = request.feature_refs or []
         if endpoint.holds_features(names):
             named = dataclasses.replace(request, images=[proto.ImageForInsert(item.insert_start_token)
@@ -275,10 +284,12 @@ class LMClient:
                 if not (exc.upstream_field or "").startswith("feature_refs"):
                     raise
                 endpoint.forget_features(names)  # evicted (or the worker restarted): whole, once more
-        whole = request if endpoint.features_by_reference else dataclasses.replace(request, feature_refs=None)
+        store = endpoint.feature_store_bytes
+        whole = request if store else dataclasses.replace(request, feature_refs=None)
         answer = await send(proto.encode_chunks(whole))
-        if endpoint.features_by_reference and names:
-            endpoint.sent_features(names)
+        if store and names:  # named next time: what the worker keeps (not an item larger than its store)
+            endpoint.sent_features([name for name, item in zip(names, request.images, strict=True)
+                                    if _feature_bytes(item) <= store])
         return answer
 
     async def _stream_on(self, endpoint: Endpoint, request: GenerateRequest,

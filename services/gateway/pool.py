@@ -55,9 +55,11 @@ class Endpoint:
     # A channel that could not be reached is not used again until this (monotonic) time,
     # unless the endpoint reports another port (it restarted).
     rpc_unreachable: tuple[int, float] | None = None
-    # An LM worker that keeps named image features (its /ready says so), and the names of
-    # those it was sent (GenerateRequest.feature_refs), most recent last.
-    features_by_reference: bool = False
+    # What an LM worker's /ready offers: named image features kept up to this many bytes
+    # (0: none), and cache_salt honoured; and the names it was sent features under
+    # (GenerateRequest.feature_refs), most recent last.
+    feature_store_bytes: int = 0
+    honours_cache_salt: bool = False
     named_features: OrderedDict[str, None] = field(default_factory=OrderedDict)
 
     def __post_init__(self) -> None:
@@ -66,7 +68,7 @@ class Endpoint:
     def holds_features(self, names: Sequence[str]) -> bool:
         """Whether every one of ``names`` was sent here with its features (and may be
         kept still: a worker that evicted one answers 400 and is sent it again)."""
-        return self.features_by_reference and bool(names) and all(name in self.named_features for name in names)
+        return self.feature_store_bytes > 0 and bool(names) and all(name in self.named_features for name in names)
 
     def sent_features(self, names: Sequence[str]) -> None:
         for name in names:
@@ -185,9 +187,12 @@ class EndpointPool:
             except ValueError:
                 body = None
             body = body if isinstance(body, dict) else {}
-            endpoint.features_by_reference = body.get("features_by_reference") is True
-            if not endpoint.features_by_reference:  # off, or a worker from before: features go whole
+            store = body.get("feature_store_bytes")
+            endpoint.feature_store_bytes = store if isinstance(store, int) and not isinstance(store, bool) else 0
+            if endpoint.feature_store_bytes <= 0:  # off, or a worker from before: features go whole
+                endpoint.feature_store_bytes = 0
                 endpoint.named_features.clear()
+            endpoint.honours_cache_salt = body.get("cache_salt") is True
             if self.rpc is not None:
                 await self._learn_rpc_port(endpoint, body)
         if ok:

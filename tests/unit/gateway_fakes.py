@@ -133,10 +133,13 @@ class FakeLM:
     generate_delay_s: float = 0.0
     cancelled: int = 0  # non-streaming generates abandoned mid-way
 
+    honours_cache_salt: bool = True  # what its /ready says
+
     async def handler(self, request: httpx.Request) -> httpx.Response:
         host = f"{request.url.scheme}://{request.url.host}"
         if request.url.path == "/ready":
-            return httpx.Response(200 if self.ready.get(host, True) else 503, json={})
+            return httpx.Response(200 if self.ready.get(host, True) else 503,
+                                  json={"cache_salt": True} if self.honours_cache_salt else {})
         assert request.url.path == "/v1/generate", request.url.path
         if self.behaviours.get(host) is not None:
             return _behave(self.behaviours[host], request)

@@ -158,6 +158,7 @@ def test_captions_json_single_and_many_with_a_prompt():
 def test_a_cache_salt_keeps_cached_features_to_its_own_requests():
     async def scenario():
         h = harness()
+        await h.state.probe()  # the workers' /ready say they honour cache_salt
         data = base64.b64encode(png(colour=(9, 99, 199))).decode()
 
         async def caption(**extra):
@@ -180,6 +181,20 @@ def test_a_cache_salt_keeps_cached_features_to_its_own_requests():
                                    data={"cache_salt": "tenant-b"})
         assert form.status_code == 200, form.text
         assert h.lm.requests[-1].cache_salt == "tenant-b" and h.encoder.images_encoded == 3
+
+    run(scenario())
+
+
+def test_a_salted_request_is_refused_rather_than_sent_to_a_worker_that_would_ignore_the_salt():
+    async def scenario():
+        h = harness(lm=FakeLM(honours_cache_salt=False))  # an LM worker from before cache_salt
+        await h.state.probe()
+        body = chat_body(png(), cache_salt="tenant-a")
+        response = await h.client.post("/v1/chat/completions", json=body)
+        assert response.status_code == 503, response.text
+        assert "cache_salt" in response.json()["error"]["message"] and not h.lm.requests
+        del body["cache_salt"]
+        assert (await h.client.post("/v1/chat/completions", json=body)).status_code == 200
 
     run(scenario())
 

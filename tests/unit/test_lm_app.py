@@ -19,7 +19,8 @@ from prometheus_client.parser import text_string_to_metric_families
 import proto
 from lm_worker import cli
 from lm_worker.app import create_app
-from lm_worker.serving import LMWorkerService
+from lm_worker.feature_store import FeaturesNotKept
+from lm_worker.serving import LMWorkerService, RequestPreparer
 from lm_worker.settings import LMWorkerSettings
 from proto import EncodeRequest, GenerateRequest, GenerateResponse, ImageForInsert, SamplingParams
 from services.demo.checkpoint import random_checkpoint
@@ -125,7 +126,8 @@ def metric(text: str, name: str, **labels: str) -> float:
 
 @pytest.mark.anyio
 async def test_features_sent_once_with_a_name_can_then_be_named_alone(client, service) -> None:
-    assert (await client.get("/ready")).json()["features_by_reference"] is True
+    ready = (await client.get("/ready")).json()
+    assert ready["feature_store_bytes"] == service.settings.feature_store_mb * 2**20 and ready["cache_salt"] is True
     start = service.model.tokenizer.ids.im_start
     named = good_request(service, images=[ImageForInsert(start, image_features=features(seed=7))],
                          feature_refs=["img-7"])
@@ -147,6 +149,12 @@ async def test_features_sent_once_with_a_name_can_then_be_named_alone(client, se
     assert (await generate(client, named)).token_ids == first.token_ids  # sent again: served, kept again
     assert len(service.features) == 1
 
+    # A worker that keeps no features says which name it cannot resolve, as one that forgot it.
+    storeless = RequestPreparer(service.preparer.validator, service.preparer.wire_limits)
+    with pytest.raises(FeaturesNotKept) as info:
+        storeless(proto.encode(by_name))
+    assert info.value.field == "feature_refs[0]"
+
 
 @pytest.mark.anyio
 async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> None:
@@ -161,7 +169,8 @@ async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> No
     async with httpx.AsyncClient(transport=Recording(create_app(service)), base_url="http://lm") as http:
         pool = EndpointPool("lm", ["http://lm"])
         await pool.probe_once(http)
-        assert pool.endpoints[0].features_by_reference
+        endpoint = pool.endpoints[0]
+        assert endpoint.feature_store_bytes > 0 and endpoint.honours_cache_salt
         lm = LMClient(pool, http)
         start = service.model.tokenizer.ids.im_start
 
@@ -176,11 +185,15 @@ async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> No
         await stream.aclose()
         service.features.clear()  # the worker forgot them: 400, then sent whole again
         fourth = await lm.generate(request())
+        # Features larger than the worker keeps are not named: whole every time, no 400 first.
+        endpoint.feature_store_bytes, endpoint.named_features = 1024, type(endpoint.named_features)()
+        for _ in range(2):
+            await lm.generate(request())
     assert first.token_ids == second.token_ids == fourth.token_ids
     assert [t for event in streamed if isinstance(event, TokenDelta) for t in event.token_ids] == first.token_ids
     whole, by_name = sizes[0], sizes[1]
     assert by_name < whole - TOKENS_PER_IMAGE * FEATURE_DIM * 4 + 512  # the float32 features stayed behind
-    assert sizes == [whole, by_name, by_name, by_name, whole]
+    assert sizes == [whole, by_name, by_name, by_name, whole, whole, whole]
 
 
 @pytest.mark.anyio

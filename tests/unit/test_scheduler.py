@@ -370,11 +370,12 @@ class PrefixRecorder(NullObserver):
         self.prefilled_tokens.append(tokens)
 
 
-def caching_scheduler(model: Model, block: int, *, max_batch_size: int) -> tuple[Scheduler, PrefixRecorder]:
+def caching_scheduler(model: Model, block: int, *, max_batch_size: int,
+                      max_blocks: int = 64) -> tuple[Scheduler, PrefixRecorder]:
     recorder = PrefixRecorder()
     backend = LocalDecoderBackend(model.decoder, max_batch_size=max_batch_size, max_seq_len=128)
     scheduler = make_scheduler(model, max_batch_size=max_batch_size, backend=backend, observer=recorder,
-                               prefix_cache=PrefixCache(backend.cache, block_size=block, max_blocks=64))
+                               prefix_cache=PrefixCache(backend.cache, block_size=block, max_blocks=max_blocks))
     return scheduler, recorder
 
 
@@ -456,6 +457,24 @@ async def test_a_burst_of_one_prompt_prefills_it_once_and_the_rest_start_from_th
     assert all(r.token_ids == reference_greedy(model, burst[0]) for r in (responses[0], responses[1], responses[3]))
     assert responses[2].token_ids == reference_greedy(model, other)
     assert scheduler.num_waiting == 0 and scheduler.backend.num_free_slots == 4
+
+    # Only for blocks a prefill can leave behind: past the pool's size, repeats go together.
+    small, _ = caching_scheduler(model, block, max_batch_size=4, max_blocks=1)
+    repeats = [collect(small.submit(keyed(6, f"repeat-{i}"))) for i in range(3)]
+    small.step()  # one prefills; the first block is all the pool keeps, so the others wait for it alone
+    small.step()
+    assert small.num_waiting == 0 and small.num_running == 3
+    await drive(small, repeats)
+    # A newcomer that fails on admission holds no one back.
+    failing = keyed(7, "failing")
+    failing.images = [ImageForInsert(model.tokenizer.ids.im_start,
+                                     image_features=torch.zeros(2, FEATURES_PER_IMAGE, model.fusion.encoder_output_dim))]
+    follower = keyed(7, "follower")
+    failed, followed = collect(scheduler.submit(failing)), collect(scheduler.submit(follower))
+    scheduler.step()
+    assert scheduler.num_waiting == 0
+    await drive(scheduler, [failed, followed])
+    assert isinstance(failed.exception(), FeatureCountMismatch) and followed.result().finish_reason == "length"
 
     # A repeat that is cancelled while it waits for the prefix leaves no trace.
     first, repeat = keyed(5, "first"), keyed(5, "repeat")
