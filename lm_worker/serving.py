@@ -30,6 +30,7 @@ from proto import GenerateRequest, GenerateResponse, ImageForInsert, WireLimits
 __all__ = ["LMWorkerService", "ReadyState", "RequestPreparer"]
 
 ReadyState = tuple[bool, str | None]  # (ready, reason when not)
+INLINE_PREPARE_BYTES = 64 * 1024  # below this, preparing on the event loop costs less than a thread hop
 
 
 @dataclass
@@ -123,7 +124,10 @@ class LMWorkerService:
         return self.preparer(body)
 
     async def prepare_async(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
-        """:meth:`prepare` on a worker thread: the finite-check scans every feature value."""
+        """:meth:`prepare` on a worker thread (the finite-value scan and the prefix-cache
+        digests read every feature value); a small body here, cheaper than the hop."""
+        if len(body) <= INLINE_PREPARE_BYTES:
+            return self.prepare(body)
         return await asyncio.to_thread(self.prepare, body)
 
     def submit(self, sequence: SequenceRequest) -> GenerationStream:
