@@ -97,6 +97,27 @@ def test_openai_client_chat_completion_and_stream(stack, reference):
     assert metric_value(calls, "lm_worker_channel_calls_total", method="generate", code="200") >= 1
 
 
+def test_a_follow_up_turn_about_one_image_reuses_its_features_and_its_prefix(stack):
+    data = png_bytes(generate_scene(HELD_OUT_SEED + 260))
+    client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
+
+    def found_by_name() -> float:
+        return sum(metric_value(httpx.get(f"{w.url}/metrics").text, "lm_worker_feature_refs_total", result="hit")
+                   for w in stack.lm_workers)
+
+    turn = [{"role": "user", "content": [{"type": "text", "text": "describe the image"},
+                                         {"type": "image_url", "image_url": {"url": data_url(data)}}]}]
+    first = client.chat.completions.create(model="step37-tiny", messages=turn, max_tokens=48)
+    found = found_by_name()
+    turn += [{"role": "assistant", "content": first.choices[0].message.content},
+             {"role": "user", "content": "describe the image"}]
+    second = client.chat.completions.create(model="step37-tiny", messages=turn, max_tokens=48)
+    # The image went by name, and the second prompt started from every whole block of the first.
+    assert found_by_name() == found + 1
+    assert second.usage.prompt_tokens > first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens == (first.usage.prompt_tokens - 1) // 16 * 16 > 0
+
+
 def test_repeated_image_is_served_from_the_cache(stack):
     data = png_bytes(generate_scene(HELD_OUT_SEED + 200))
     with httpx.Client(timeout=120) as client:
