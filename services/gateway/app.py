@@ -138,6 +138,7 @@ def build_state(settings: GatewaySettings, transports: Transports | None = None)
                             on_error=metrics.upstream_error, rpc=rpc if encoder_rpc else None)
     lm = LMClient(lm_pool, clients["lm"], timeout_s=settings.lm_timeout_s,
                   connect_timeout_s=settings.connect_timeout_s, on_error=metrics.upstream_error,
+                  on_features=lambda how: metrics.lm_features.labels(how=how).inc(),
                   rpc=rpc if lm_rpc else None)
     fetcher = ImageFetcher(clients["fetch"], settings.allowed_url_hosts, max_bytes=settings.max_image_bytes,
                            timeout_s=settings.fetch_timeout_s)

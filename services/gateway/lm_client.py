@@ -206,8 +206,12 @@ class LMClient:
 
     def __init__(self, pool: EndpointPool, client: httpx.AsyncClient, *, timeout_s: float = 120.0,
                  connect_timeout_s: float = 5.0, limits: proto.WireLimits = proto.DEFAULT_LIMITS,
-                 on_error: Callable[[str, GatewayError], None] | None = None, rpc: RpcClient | None = None) -> None:
+                 on_error: Callable[[str, GatewayError], None] | None = None, rpc: RpcClient | None = None,
+                 on_features: Callable[[str], None] | None = None) -> None:
+        """``on_features``: told how each request's image features went: "by_name", "whole"
+        or "resent" (whole again, after a worker no longer had them)."""
         self.pool = pool
+        self.on_features = on_features or (lambda how: None)
         self.client = client
         self.rpc = rpc
         # read: a whole non-streaming generate, or the longest gap between streamed events
@@ -275,18 +279,24 @@ class LMClient:
             raise ServiceUnavailable(f"the LM worker at {endpoint.url} does not honour cache_salt (an older "
                                      "version, or not probed yet); retry later", retryable=True)
         names = request.feature_refs or []
+        how = "whole"
         if endpoint.holds_features(names):
             named = dataclasses.replace(request, images=[proto.ImageForInsert(item.insert_start_token)
                                                          for item in request.images])
             try:
-                return await send(proto.encode_chunks(named))
+                answer = await send(proto.encode_chunks(named))
+                self.on_features("by_name")
+                return answer
             except InvalidRequest as exc:
                 if not (exc.upstream_field or "").startswith("feature_refs"):
                     raise
                 endpoint.forget_features(names)  # evicted (or the worker restarted): whole, once more
+                how = "resent"
         store = endpoint.feature_store_bytes
         whole = request if store else dataclasses.replace(request, feature_refs=None)
         answer = await send(proto.encode_chunks(whole))
+        if request.images:
+            self.on_features(how)
         if store and names:  # named next time: what the worker keeps (not an item larger than its store)
             endpoint.sent_features([name for name, item in zip(names, request.images, strict=True)
                                     if _feature_bytes(item) <= store])

@@ -71,6 +71,9 @@ class GatewayMetrics:
         self.in_flight = Gauge(f"{PREFIX}_in_flight_requests", "HTTP requests being served", registry=r)
         self.tokens = Counter(f"{PREFIX}_tokens", "tokens served", ["kind"], registry=r)
         self.images = Counter(f"{PREFIX}_images", "images received", registry=r)
+        self.lm_features = Counter(f"{PREFIX}_lm_features", "requests' image features sent to an LM worker: by_name "
+                                   "(it kept them), whole, or resent (whole again: it no longer had them)", ["how"],
+                                   registry=r)
 
     def watch(self, cache: FeatureCache, pools: Iterable[EndpointPool]) -> None:
         self.registry.register(_StateCollector(cache, pools))

@@ -102,8 +102,11 @@ def test_a_follow_up_turn_about_one_image_reuses_its_features_and_its_prefix(sta
     client = openai.OpenAI(base_url=f"{stack.url}/v1", api_key="unused", max_retries=0)
 
     def found_by_name() -> float:
-        return sum(metric_value(httpx.get(f"{w.url}/metrics").text, "lm_worker_feature_refs_total", result="hit")
-                   for w in stack.lm_workers)
+        sent = metric_value(httpx.get(f"{stack.url}/metrics").text, "step37_gateway_lm_features_total", how="by_name")
+        found = sum(metric_value(httpx.get(f"{w.url}/metrics").text, "lm_worker_feature_refs_total", result="hit")
+                    for w in stack.lm_workers)
+        assert sent == found  # this stack's only gateway names them; every name was found
+        return found
 
     turn = [{"role": "user", "content": [{"type": "text", "text": "describe the image"},
                                          {"type": "image_url", "image_url": {"url": data_url(data)}}]}]

@@ -171,7 +171,8 @@ async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> No
         await pool.probe_once(http)
         endpoint = pool.endpoints[0]
         assert endpoint.feature_store_bytes > 0 and endpoint.honours_cache_salt
-        lm = LMClient(pool, http)
+        sends: list[str] = []
+        lm = LMClient(pool, http, on_features=sends.append)
         start = service.model.tokenizer.ids.im_start
 
         def request() -> GenerateRequest:
@@ -194,6 +195,7 @@ async def test_the_gateway_sends_features_whole_once_then_by_name(service) -> No
     whole, by_name = sizes[0], sizes[1]
     assert by_name < whole - TOKENS_PER_IMAGE * FEATURE_DIM * 4 + 512  # the float32 features stayed behind
     assert sizes == [whole, by_name, by_name, by_name, whole, whole, whole]
+    assert sends == ["whole", "by_name", "by_name", "resent", "whole", "whole"]
 
 
 @pytest.mark.anyio
