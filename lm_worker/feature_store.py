@@ -101,21 +101,23 @@ class FeatureStore:
         if not request.feature_refs:
             return
         digests = digests or [None] * len(request.images)
-        with self._lock:
-            for item, ref, item_digests in zip(request.images, request.feature_refs, digests, strict=True):
+        for item, ref, item_digests in zip(request.images, request.feature_refs, digests, strict=True):
+            with self._lock:
                 kept = self._kept.get(ref)
                 if kept is not None and kept.item is item:  # it came by name: only the digests may be new
                     if kept.digests is None and item_digests is not None:
                         self._kept[ref] = _Kept(item, item_digests, kept.nbytes)
                     continue
-                if item.image_features is None:
-                    continue
-                nbytes = sum(block.numel() * block.element_size() for block in feature_blocks(item.image_features))
-                if nbytes > self.max_bytes:
-                    continue
-                if kept is not None:
+            if item.image_features is None:
+                continue
+            nbytes = sum(block.numel() * block.element_size() for block in feature_blocks(item.image_features))
+            if nbytes > self.max_bytes:
+                continue
+            owned = _owned(item)  # the copy outside the lock: a small request's resolve may be waiting on it
+            with self._lock:
+                if ref in self._kept:
                     self._forget(ref)
-                self._kept[ref] = _Kept(_owned(item), item_digests, nbytes)
+                self._kept[ref] = _Kept(owned, item_digests, nbytes)
                 self._bytes += nbytes
                 self._on_event("kept")
                 while self._bytes > self.max_bytes:
@@ -131,9 +133,10 @@ class FeatureStore:
 
 
 def _owned(item: ImageForInsert) -> ImageForInsert:
-    """``item`` with its own copy of the features: decoded ones are views of the received
-    message, which keeping them would keep whole (and outside the byte count)."""
+    """``item`` with its own copy of the features (decoded ones are views of the received
+    message, which keeping them would keep whole, outside the byte count) and no pixels."""
     features = item.image_features
     return dataclasses.replace(
-        item, image_features=features.clone() if isinstance(features, torch.Tensor) else [b.clone() for b in features],
+        item, images=None,
+        image_features=features.clone() if isinstance(features, torch.Tensor) else [b.clone() for b in features],
         rope_cu_seqlens=None if item.rope_cu_seqlens is None else item.rope_cu_seqlens.clone())

@@ -126,7 +126,7 @@ class LMWorkerService:
     async def prepare_async(self, body: bytes) -> tuple[GenerateRequest, SequenceRequest]:
         """:meth:`prepare` on a worker thread (the finite-value scan and the prefix-cache
         digests read every feature value); a small body here, cheaper than the hop."""
-        if len(body) <= INLINE_PREPARE_BYTES:
+        if len(body) <= INLINE_PREPARE_BYTES and b"feature_refs" not in body:  # a name may stand for megabytes
             return self.prepare(body)
         return await asyncio.to_thread(self.prepare, body)
 

@@ -200,6 +200,9 @@ def create_app(settings: GatewaySettings, transports: Transports | None = None) 
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # One round before serving (each probe within its timeout): what the workers offer,
+        # such as honouring cache_salt, is known from the first request on.
+        await state.probe()
         probes = [asyncio.create_task(pool.run_probes(state.clients[name], settings.probe_interval_s))
                   for name, pool in (("encoder", state.encoder_pool), ("lm", state.lm_pool))]
         logger.info("gateway up: encoders %s (%s), LM workers %s, cache %d bytes, auth %s",

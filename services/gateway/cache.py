@@ -21,7 +21,6 @@ separate step (:meth:`CacheLookup.wait`) the caller can time as "encode".
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -31,7 +30,7 @@ from typing import NamedTuple
 from services.gateway.errors import ClientError
 from services.gateway.features import EncodedImage
 
-__all__ = ["CacheLookup", "CacheStats", "FeatureCache", "FeatureKey", "Loader", "features_name"]
+__all__ = ["CacheLookup", "CacheStats", "FeatureCache", "FeatureKey", "Loader"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,16 +40,6 @@ class FeatureKey(NamedTuple):
     model: str
     dtype: str
     salt: str | None = None  # the request's cache_salt: a hit is faster, so tenants share nothing
-
-
-def features_name(keys: Sequence[FeatureKey]) -> str:
-    """The name the LM worker keeps these images' features under, together, in order
-    (``GenerateRequest.feature_refs``): a digest of their cache keys, so the same images
-    from the same encoder, dtype and salt have the same name, and nothing else does."""
-    digest = hashlib.blake2b(digest_size=16)
-    for key in keys:
-        digest.update(repr(tuple(key)).encode())
-    return digest.hexdigest()
 
 
 Loader = Callable[[list[FeatureKey]], Awaitable[Mapping[FeatureKey, EncodedImage]]]

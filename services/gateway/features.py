@@ -4,13 +4,15 @@ The encoder answers one ``ImageForInsert`` for a whole batch, but the cache and 
 LM requests work per image: a cached image may join a request with fresh ones, and a
 captions request sends each image to its own generate call. ``EncodedImage`` is one
 image's slice, copied out of the received message so it owns exactly its bytes (the
-cache accounts them honestly and the message buffer can be freed).
+cache accounts them honestly and the message buffer can be freed), with a digest of
+its content: what the LM worker keeps it under (:func:`features_name`).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import accumulate
 
 import torch
@@ -18,7 +20,7 @@ import torch
 from proto import ImageForInsert, feature_blocks
 from services.gateway.errors import UpstreamError
 
-__all__ = ["EncodedImage", "join_encoded", "split_image_for_insert"]
+__all__ = ["EncodedImage", "features_name", "join_encoded", "split_image_for_insert"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -28,6 +30,14 @@ class EncodedImage:
     features: torch.Tensor  # [L, C]
     insert_start_token: int
     rope_seqlen: int | None  # this image's patch count in the tower's 2D RoPE
+    digest: bytes = field(init=False)  # of everything above: the same digest, the same features
+
+    def __post_init__(self) -> None:
+        features = self.features.contiguous()
+        digest = hashlib.blake2b(f"{features.dtype}{list(features.shape)}/{self.insert_start_token}/"
+                                 f"{self.rope_seqlen}".encode(), digest_size=16)
+        digest.update(features.view(torch.uint8).numpy())
+        object.__setattr__(self, "digest", digest.digest())
 
     @property
     def nbytes(self) -> int:
@@ -49,6 +59,17 @@ def split_image_for_insert(item: ImageForInsert, expected_images: int, *, servic
         seqlens = [end - start for start, end in zip(cu, cu[1:], strict=False)]
     return [EncodedImage(block.clone(), item.insert_start_token, seqlen)
             for block, seqlen in zip(blocks, seqlens, strict=True)]
+
+
+def features_name(images: Sequence[EncodedImage], cache_salt: str | None = None) -> str:
+    """The name an LM worker keeps these images' features under, sent together in this
+    order (``GenerateRequest.feature_refs``): a digest of their contents, so a name
+    stands for exactly one set of features whoever sent it, and of the request's salt,
+    so tenants do not learn by a faster send that another sent the same image."""
+    digest = hashlib.blake2b((cache_salt or "").encode(), digest_size=16, person=b"salted" if cache_salt else b"")
+    for image in images:
+        digest.update(image.digest)
+    return digest.hexdigest()
 
 
 def join_encoded(images: Sequence[EncodedImage]) -> ImageForInsert:

@@ -288,7 +288,7 @@ class LMClient:
                 self.on_features("by_name")
                 return answer
             except InvalidRequest as exc:
-                if not (exc.upstream_field or "").startswith("feature_refs"):
+                if not (exc.upstream_field or "").startswith("feature_refs["):
                     raise
                 endpoint.forget_features(names)  # evicted (or the worker restarted): whole, once more
                 how = "resent"

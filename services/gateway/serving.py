@@ -18,8 +18,8 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proto import GenerateRequest, GenerateResponse, SamplingParams
-from services.gateway.cache import FeatureCache, FeatureKey, features_name
+from proto import GenerateRequest, GenerateResponse, ImageForInsert, SamplingParams, feature_blocks
+from services.gateway.cache import FeatureCache, FeatureKey
 from services.gateway.encoder_client import EncoderClient
 from services.gateway.errors import ClientError, LimitExceeded, ModelNotFound, UpstreamTimeout
 from services.gateway.features import EncodedImage, split_image_for_insert
@@ -44,6 +44,11 @@ T = TypeVar("T")
 _INLINE_DECODE_BYTES = 256 * 1024
 # How the encoder names an image it refused: its index in the encode batch.
 _ENCODER_IMAGE_FIELD = re.compile(r"images\[(\d+)\]")
+
+
+def _feature_bytes(item: ImageForInsert) -> int:
+    blocks = feature_blocks(item.image_features) if item.image_features is not None else ()
+    return sum(block.numel() * block.element_size() for block in blocks)
 
 
 def _name_refused_image(error: ClientError, params: Sequence[str]) -> None:
@@ -171,19 +176,12 @@ class Pipeline:
         return inspect_image(data, param=source.param, max_pixels=self.settings.max_pixels, max_bytes=limit)
 
     # ---- features ------------------------------------------------------------------
-    def feature_keys(self, images: Sequence[ValidatedImage], cache_salt: str | None = None) -> list[FeatureKey]:
-        return [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype, cache_salt)
-                for image in images]
-
-    def features_name(self, images: Sequence[ValidatedImage], cache_salt: str | None = None) -> str:
-        """What the LM worker keeps these images' features under, sent together."""
-        return features_name(self.feature_keys(images, cache_salt))
-
     async def features(self, images: Sequence[ValidatedImage], timer: StageTimer, *,
                        request_id: str, cache_salt: str | None = None) -> list[EncodedImage]:
         """Features per image, in order: cached ones (of the same ``cache_salt``) at once,
         the rest in one encoder call."""
-        keys = self.feature_keys(images, cache_salt)
+        keys = [FeatureKey(image.sha256, self.settings.encoder_model, self.settings.cache_dtype, cache_salt)
+                for image in images]
         data_by_key = {key: image.data for key, image in zip(keys, images, strict=True)}
         param_by_key: dict[FeatureKey, str] = {}
         for key, image in zip(keys, images, strict=True):
@@ -198,7 +196,11 @@ class Pipeline:
                 raise
             timer.add_call("encoder", 1e3 * (time.perf_counter() - start), result.timings)
             self._check_encoder_model(result.model)
-            return dict(zip(missing, split_image_for_insert(result.image, len(missing)), strict=True))
+            if _feature_bytes(result.image) <= _INLINE_DECODE_BYTES:
+                encoded = split_image_for_insert(result.image, len(missing))
+            else:  # copying and hashing megabytes: off the event loop
+                encoded = await asyncio.to_thread(split_image_for_insert, result.image, len(missing))
+            return dict(zip(missing, encoded, strict=True))
 
         with timer.stage("cache"):
             lookup = self.cache.lookup(keys, encode_missing)

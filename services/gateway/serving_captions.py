@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from proto import GenerateRequest, GenerateResponse
 from services.gateway.errors import InvalidRequest, ServiceUnavailable
-from services.gateway.features import join_encoded
+from services.gateway.features import features_name, join_encoded
 from services.gateway.protocol import IMAGE_PLACEHOLDER, CaptionResponse, Usage
 from services.gateway.serving import ImageSource, Pipeline, gather_or_cancel
 from services.gateway.timing import StageTimer
@@ -52,8 +52,8 @@ class CaptionService:
             features = await pipeline.features(images, timer, request_id=request_id, cache_salt=cache_salt)
             requests = [GenerateRequest(prompt=text, images=[join_encoded([encoded])], sampling=sampling,
                                         request_id=f"{request_id}-{i}", timings=timer.as_dict(),
-                                        cache_salt=cache_salt, feature_refs=[pipeline.features_name([image], cache_salt)])
-                        for i, (image, encoded) in enumerate(zip(images, features, strict=True))]
+                                        cache_salt=cache_salt, feature_refs=[features_name([encoded], cache_salt)])
+                        for i, encoded in enumerate(features)]
             results: list[GenerateResponse] = await gather_or_cancel(
                 [pipeline.generate(request, timer) for request in requests])
             if any(result.finish_reason == "abort" for result in results):

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 
 from proto import GenerateRequest
 from services.gateway.errors import GatewayError, InvalidRequest, ServiceUnavailable
-from services.gateway.features import join_encoded
+from services.gateway.features import features_name, join_encoded
 from services.gateway.lm_client import LMStream, StreamFinish
 from services.gateway.protocol import (
     IMAGE_PLACEHOLDER,
@@ -104,9 +104,8 @@ class ChatService:
         images, names = [], None
         if sources:
             validated = await pipeline.load_images(sources, timer)
-            images = [join_encoded(await pipeline.features(validated, timer, request_id=request_id,
-                                                           cache_salt=request.cache_salt))]
-            names = [pipeline.features_name(validated, request.cache_salt)]
+            encoded = await pipeline.features(validated, timer, request_id=request_id, cache_salt=request.cache_salt)
+            images, names = [join_encoded(encoded)], [features_name(encoded, request.cache_salt)]
         return GenerateRequest(prompt=prompt, images=images, sampling=sampling, request_id=request_id,
                                timings=timer.as_dict(), cache_salt=request.cache_salt, feature_refs=names)
 

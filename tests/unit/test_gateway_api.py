@@ -185,6 +185,16 @@ def test_a_cache_salt_keeps_cached_features_to_its_own_requests():
     run(scenario())
 
 
+def test_a_salted_request_is_served_from_the_first_moment_the_gateway_serves():
+    async def scenario():
+        h = harness()
+        async with h.app.router.lifespan_context(h.app):  # its first probe round runs before it serves
+            response = await h.client.post("/v1/chat/completions", json=chat_body(png(), cache_salt="tenant-a"))
+            assert response.status_code == 200, response.text
+
+    run(scenario())
+
+
 def test_a_salted_request_is_refused_rather_than_sent_to_a_worker_that_would_ignore_the_salt():
     async def scenario():
         h = harness(lm=FakeLM(honours_cache_salt=False))  # an LM worker from before cache_salt

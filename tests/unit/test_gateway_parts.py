@@ -27,6 +27,7 @@ from services.gateway.errors import (
     LimitExceeded,
     PayloadTooLarge,
 )
+from services.gateway.features import EncodedImage, features_name
 from services.gateway.images import decode_base64_image, inspect_image, parse_data_url
 from services.gateway.lm_client import affinity_key
 from services.gateway.settings import GatewaySettings, add_gateway_arguments, settings_from_args
@@ -296,6 +297,19 @@ def test_stage_timer_reads_downstream_timings_and_derives_transfer():
         pass
     names = [item.split(";")[0] for item in timer.server_timing().split(", ")]
     assert names[0] == "encode" and "transfer" in names and names[-1] == "total"
+
+
+def test_a_features_name_stands_for_exactly_one_set_of_features_and_one_salt():
+    features = torch.randn(16, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    image = EncodedImage(features, 4, 16)
+    assert features_name([image]) == features_name([EncodedImage(features.clone(), 4, 16)])
+    # Another encoder's features for the same image bytes (other weights, a rollout) are another name.
+    assert features_name([EncodedImage(features + 1, 4, 16)]) != features_name([image])
+    assert features_name([EncodedImage(features.float(), 4, 16)]) != features_name([image])
+    assert features_name([EncodedImage(features, 7, 16)]) != features_name([image])
+    assert len({features_name([image]), features_name([image], "tenant-a"), features_name([image], "tenant-b")}) == 3
+    other = EncodedImage(features.flip(0), 4, 16)
+    assert features_name([image, other]) != features_name([other, image])
 
 
 def test_affinity_key_names_the_first_image_and_the_text_before_it():
