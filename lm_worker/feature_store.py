@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from lm_worker.errors import ClientError
-from proto import GenerateRequest, ImageForInsert, feature_blocks
+from proto import GenerateRequest, ImageForInsert, feature_nbytes
 
 __all__ = ["FeatureStore", "FeaturesNotKept", "refuse_names"]
 
@@ -110,7 +110,7 @@ class FeatureStore:
                     continue
             if item.image_features is None:
                 continue
-            nbytes = sum(block.numel() * block.element_size() for block in feature_blocks(item.image_features))
+            nbytes = feature_nbytes(item.image_features)
             if nbytes > self.max_bytes:
                 continue
             owned = _owned(item)  # the copy outside the lock: a small request's resolve may be waiting on it

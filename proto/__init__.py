@@ -23,7 +23,7 @@ from proto.errors import (
     UnsupportedVersion,
     WrongType,
 )
-from proto.image_for_insert import ImageForInsert, feature_blocks
+from proto.image_for_insert import ImageForInsert, feature_blocks, feature_nbytes
 from proto.limits import DEFAULT_LIMITS, WireLimits
 from proto.messages import (
     FEATURE_DTYPES,
@@ -77,6 +77,7 @@ __all__ = [
     "encode",
     "encode_chunks",
     "feature_blocks",
+    "feature_nbytes",
     "new_request_id",
     "tensor_from_wire",
     "tensor_to_wire",

@@ -21,7 +21,7 @@ from proto.fields import FieldReader
 from proto.limits import DEFAULT_LIMITS
 from proto.tensor import DecodeBudget, tensor_from_wire, tensor_to_wire
 
-__all__ = ["ImageForInsert", "feature_blocks"]
+__all__ = ["ImageForInsert", "feature_blocks", "feature_nbytes"]
 
 FeatureForm = torch.Tensor | list[torch.Tensor]
 
@@ -34,6 +34,13 @@ def feature_blocks(image_features: FeatureForm) -> Iterator[torch.Tensor]:
             yield block  # [L, C]
         else:
             yield from block.unbind(0)  # [N, L, C] → N × [L, C]
+
+
+def feature_nbytes(image_features: FeatureForm | None) -> int:
+    """Bytes of feature values, whatever form they came in (0 for none)."""
+    if image_features is None:
+        return 0
+    return sum(block.numel() * block.element_size() for block in feature_blocks(image_features))
 
 
 def all_finite(tensor: torch.Tensor) -> bool:

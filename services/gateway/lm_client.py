@@ -110,11 +110,6 @@ def _finish(event: dict[str, Any], counted_tokens: int) -> StreamFinish:
     return StreamFinish(reason, prompt_tokens, completion_tokens, clean, cached_tokens)
 
 
-def _feature_bytes(item: proto.ImageForInsert) -> int:
-    features = item.image_features
-    return 0 if features is None else sum(block.numel() * block.element_size() for block in proto.feature_blocks(features))
-
-
 def affinity_key(request: GenerateRequest) -> bytes | None:
     """What names the LM worker likely to hold ``request``'s prompt prefix: the text before
     its first image and that image's leading feature values (None without images).
@@ -299,7 +294,7 @@ class LMClient:
             self.on_features(how)
         if store and names:  # named next time: what the worker keeps (not an item larger than its store)
             endpoint.sent_features([name for name, item in zip(names, request.images, strict=True)
-                                    if _feature_bytes(item) <= store])
+                                    if proto.feature_nbytes(item.image_features) <= store])
         return answer
 
     async def _stream_on(self, endpoint: Endpoint, request: GenerateRequest,

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
-from proto import GenerateRequest, GenerateResponse, ImageForInsert, SamplingParams, feature_blocks
+from proto import GenerateRequest, GenerateResponse, SamplingParams, feature_nbytes
 from services.gateway.cache import FeatureCache, FeatureKey
 from services.gateway.encoder_client import EncoderClient
 from services.gateway.errors import ClientError, LimitExceeded, ModelNotFound, UpstreamTimeout
@@ -44,11 +44,6 @@ T = TypeVar("T")
 _INLINE_DECODE_BYTES = 256 * 1024
 # How the encoder names an image it refused: its index in the encode batch.
 _ENCODER_IMAGE_FIELD = re.compile(r"images\[(\d+)\]")
-
-
-def _feature_bytes(item: ImageForInsert) -> int:
-    blocks = feature_blocks(item.image_features) if item.image_features is not None else ()
-    return sum(block.numel() * block.element_size() for block in blocks)
 
 
 def _name_refused_image(error: ClientError, params: Sequence[str]) -> None:
@@ -196,7 +191,7 @@ class Pipeline:
                 raise
             timer.add_call("encoder", 1e3 * (time.perf_counter() - start), result.timings)
             self._check_encoder_model(result.model)
-            if _feature_bytes(result.image) <= _INLINE_DECODE_BYTES:
+            if feature_nbytes(result.image.image_features) <= _INLINE_DECODE_BYTES:
                 encoded = split_image_for_insert(result.image, len(missing))
             else:  # copying and hashing megabytes: off the event loop
                 encoded = await asyncio.to_thread(split_image_for_insert, result.image, len(missing))
