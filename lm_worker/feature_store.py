@@ -97,15 +97,19 @@ class FeatureStore:
 
     def keep(self, request: GenerateRequest, digests: list[list[bytes] | None] | None = None) -> None:
         """Keep every named item of a validated request that brought its features
-        (``digests``: per item, its images' digests where known)."""
+        (``digests``: per item, its images' digests where known).
+
+        A name already kept keeps what it has (a name stands for one set of features: the
+        gateway names them by a digest of their content), so a resend is not copied again."""
         if not request.feature_refs:
             return
         digests = digests or [None] * len(request.images)
         for item, ref, item_digests in zip(request.images, request.feature_refs, digests, strict=True):
             with self._lock:
                 kept = self._kept.get(ref)
-                if kept is not None and kept.item is item:  # it came by name: only the digests may be new
-                    if kept.digests is None and item_digests is not None:
+                if kept is not None:
+                    self._kept.move_to_end(ref)
+                    if kept.digests is None and item_digests is not None and kept.item is item:
                         self._kept[ref] = _Kept(item, item_digests, kept.nbytes)
                     continue
             if item.image_features is None:
@@ -115,8 +119,8 @@ class FeatureStore:
                 continue
             owned = _owned(item)  # the copy outside the lock: a small request's resolve may be waiting on it
             with self._lock:
-                if ref in self._kept:
-                    self._forget(ref)
+                if ref in self._kept:  # another request kept it meanwhile
+                    continue
                 self._kept[ref] = _Kept(owned, item_digests, nbytes)
                 self._bytes += nbytes
                 self._on_event("kept")
